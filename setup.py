@@ -1,0 +1,27 @@
+"""Packaging for tfnegcache."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="tfnegcache",
+    version="0.1.0",
+    description=(
+        "Train two-tower retrieval models in Keras against a large negative cache "
+        "(Lindgren et al., NeurIPS 2021)."
+    ),
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["tfnegcache", "tfnegcache.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "tensorflow>=2.21,<2.22",
+        "tf-keras>=2.21,<2.22",
+        "tensorflow-recommenders>=0.7.7",
+        "tensorflow-datasets>=4.9",
+        "numpy>=1.26",
+        "matplotlib>=3.8",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "scipy>=1.11", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29"],
+    },
+)

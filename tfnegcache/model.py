@@ -1,0 +1,90 @@
+"""`CachedRetrievalModel`: a `tfrs.Model` whose training step also keeps the negative cache."""
+
+import contextlib
+from typing import Dict, List
+
+import tensorflow as tf
+import tensorflow_recommenders as tfrs
+
+from tfnegcache.retrieval import CacheRetrieval
+
+
+class CachedRetrievalModel(tfrs.Model):
+    """A `tfrs.Model` that updates the negative caches of its `CacheRetrieval` tasks.
+
+    Write it exactly as a `tfrs.Model`: build the towers and a `CacheRetrieval` task in
+    `__init__`, and implement `compute_loss`. `train_step` then:
+
+    1. runs `compute_loss` with the tasks in training mode: each draws its negatives from the
+       cache, re-encodes them, and records a `CacheUpdate`;
+    2. applies the optimizer step, but only after checking that everything the update would
+       write is finite: a step whose embeddings hold NaN or Inf fails with
+       `tf.errors.InvalidArgumentError` before any weight or cache slot changes;
+    3. applies each task's cache update (write-back of the re-encoded negatives, FIFO insert
+       of the batch's candidates) and advances the cache's step.
+
+    `test_step` (so `evaluate`) and `predict` never draw or change the cache. Besides TFRS's
+    `loss`, `regularization_loss` and `total_loss`, training logs carry `cache_staleness`
+    (mean `||e - v||^2 / ||v||^2` of the re-encoded negatives over the epoch) and
+    `cache_fill` (the fraction of slots in use after the step). The cache's variables are
+    weights of the model, so `save_weights`, `tf.train.Checkpoint` and `ModelCheckpoint` keep
+    them, and the id index with them (TensorFlow checkpoint format; the `.h5` weight format
+    stores variables only).
+    """
+
+    def cache_tasks(self) -> List[CacheRetrieval]:
+        """The model's `CacheRetrieval` tasks that have a cache."""
+        return [layer for layer in self._flatten_layers(include_self=False)
+                if isinstance(layer, CacheRetrieval) and layer.cache is not None]
+
+    @contextlib.contextmanager
+    def _tasks_in_training(self, tasks):
+        for task in tasks:
+            task.in_train_step = True
+        try:
+            yield
+        finally:
+            for task in tasks:
+                task.in_train_step = False
+
+    def _cache_logs(self, tasks) -> Dict[str, tf.Tensor]:
+        logs = {}
+        for task in tasks:
+            prefix = "" if len(tasks) == 1 else f"{task.name}/"
+            logs[f"{prefix}cache_fill"] = task.cache.fill_fraction()
+        return logs
+
+    def train_step(self, inputs):
+        tasks = self.cache_tasks()
+        with tf.GradientTape() as tape:
+            with self._tasks_in_training(tasks):
+                loss = self.compute_loss(inputs, training=True)
+            regularization_loss = tf.reduce_sum([tf.reduce_sum(l) for l in self.losses])
+            total_loss = loss + regularization_loss
+        gradients = tape.gradient(total_loss, self.trainable_variables)
+
+        updates = [(task.cache, task.pop_update()) for task in tasks]
+        checks = [
+            cache._assert_finite(rows, "embeddings")  # pylint: disable=protected-access
+            for cache, update in updates if update is not None
+            for rows in update.embeddings()
+        ]
+        with tf.control_dependencies(checks):
+            applied = self.optimizer.apply_gradients(zip(gradients, self.trainable_variables))
+        with tf.control_dependencies([applied] if applied is not None else checks):
+            for cache, update in updates:
+                if update is not None:
+                    cache.update(insert=update.insert, write_back=update.write_back)
+
+        metrics = {metric.name: metric.result() for metric in self.metrics}
+        metrics["loss"] = loss
+        metrics["regularization_loss"] = regularization_loss
+        metrics["total_loss"] = total_loss
+        metrics.update(self._cache_logs(tasks))
+        return metrics
+
+    def test_step(self, inputs):
+        logs = super().test_step(inputs)
+        for task in self.cache_tasks():
+            logs.pop(task.staleness.name, None)
+        return logs

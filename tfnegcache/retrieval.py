@@ -1,0 +1,303 @@
+"""`CacheRetrieval`: `tfrs.tasks.Retrieval` with negatives sampled from a negative cache."""
+
+import dataclasses
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Text, Union
+
+import tensorflow as tf
+import tensorflow_recommenders as tfrs
+
+from tfnegcache.cache import NegativeCache
+
+# TFRS masks logits with this value (tfrs.tasks.retrieval.MIN_FLOAT); an empty cache's
+# log-mass becomes it, so its softmax weight is exactly 0 and `0 * log(0)` never appears.
+MIN_FLOAT = tfrs.tasks.retrieval.MIN_FLOAT
+
+
+@dataclasses.dataclass
+class CacheUpdate:
+    """What one training step asks of the cache, applied after the optimizer step.
+
+    Attributes:
+      insert: `(features, embeddings, ids)` of the batch's candidates (the streaming FIFO).
+      write_back: `(slots [B*k], fresh embeddings [B*k, d], valid [B*k])` of the re-encoded
+        negatives.
+    """
+
+    insert: tuple
+    write_back: Optional[tuple]
+
+    def embeddings(self) -> List[tf.Tensor]:
+        """Every embedding this update would write (each must be finite)."""
+        rows = [self.insert[1]]
+        if self.write_back is not None:
+            rows.append(self.write_back[1])
+        return rows
+
+
+class CacheRetrieval(tfrs.tasks.Retrieval):
+    """A retrieval task whose softmax also ranges over a large cache of candidates.
+
+    A drop-in for `tfrs.tasks.Retrieval`: it takes the same arguments and its `call` the same
+    inputs, plus the batch's candidate features and ids. Besides the in-batch negatives
+    (kept by default), each query's softmax includes every candidate in `cache`, scored with
+    the cached (stale) embeddings. In training, `num_negatives` negatives per query are drawn
+    from that softmax by Gumbel-Max and re-encoded by `candidate_model` with gradients, so the
+    loss
+
+        loss_i = -s_i+ + logsumexp([s_i+, in-batch scores_i..., sg(M_i)])
+                 + P_i * mean_k (s_{i,j_k} - sg(s_{i,j_k}))
+
+    (`M_i` the log-mass of the cache, `P_i` the softmax weight of the cache) has the *value*
+    of the cross entropy over [positive, in-batch negatives, whole cache] and a *gradient*
+    whose expectation over the draw is that cross entropy's gradient with the cached
+    probabilities. The correction term is folded into the cache's logit
+    (`sg(M_i) + mean_k(s - sg(s))`): its value is `M_i` and the softmax's derivative with
+    respect to that logit is `P_i`, so any `loss` (reduction, `sample_weight`) gives the
+    estimator above without special cases.
+
+    The cache never changes here. In training the task records a `CacheUpdate` (insert the
+    batch's candidates, write back the re-encoded negatives) that
+    `CachedRetrievalModel.train_step` applies after the optimizer step; evaluation neither
+    draws nor updates.
+
+    With `cache=None`, or while the cache is empty, loss and metrics are those of
+    `tfrs.tasks.Retrieval` for the same arguments.
+
+    Example (the TFRS tutorial's model, with the cache):
+
+    ```python
+    cache = tfnegcache.NegativeCache(
+        size=2048, feature_spec={"movie_title": tf.TensorSpec([], tf.string)},
+        embedding_dim=32)
+    task = tfnegcache.CacheRetrieval(
+        metrics=tfrs.metrics.FactorizedTopK(candidates=movies.batch(128).map(movie_model)),
+        cache=cache,
+        candidate_model=lambda features: movie_model(features["movie_title"]))
+    # in compute_loss:
+    return task(user_embeddings, movie_embeddings,
+                candidate_ids=features["movie_title"],
+                candidate_features={"movie_title": features["movie_title"]})
+    ```
+    """
+
+    def __init__(
+        self,
+        loss: Optional[tf.keras.losses.Loss] = None,
+        metrics: Optional[Union[Sequence[tfrs.metrics.Factorized], tfrs.metrics.Factorized]] = None,
+        batch_metrics: Optional[List[tf.keras.metrics.Metric]] = None,
+        loss_metrics: Optional[List[tf.keras.metrics.Metric]] = None,
+        temperature: Optional[float] = None,
+        num_hard_negatives: Optional[int] = None,
+        remove_accidental_hits: bool = False,
+        name: Optional[Text] = None,
+        *,
+        cache: Optional[NegativeCache] = None,
+        candidate_model: Optional[Callable[[Mapping[str, tf.Tensor]], tf.Tensor]] = None,
+        num_negatives: int = 1,
+        use_in_batch_negatives: bool = True,
+        id_based_metrics: bool = True,
+    ) -> None:
+        """Initializes the task.
+
+        Args:
+          loss, metrics, batch_metrics, loss_metrics, temperature, num_hard_negatives,
+          remove_accidental_hits, name: as in `tfrs.tasks.Retrieval`. `batch_metrics`,
+            `num_hard_negatives`, `remove_accidental_hits` and `candidate_sampling_probability`
+            (the logQ correction) act on the in-batch negatives only: the cache part is an
+            exact softmax over the cache, so it needs no sampling correction.
+          cache: the `NegativeCache` to draw negatives from; None disables it (then this is
+            `tfrs.tasks.Retrieval`).
+          candidate_model: maps a dict of cached candidate features (`[M, ...]` per key of the
+            cache's `feature_spec`) to `[M, d]` embeddings: the candidate tower, re-encoding
+            sampled negatives with the current weights. Required with a cache.
+          num_negatives: k, negatives drawn from the cache per query per step.
+          use_in_batch_negatives: also use the batch's other candidates as negatives (the
+            default). Cached copies of the batch's candidates are then masked so each
+            candidate counts once. When False, the softmax is over [positive, cache], and only
+            the query's own positive is masked in the cache.
+          id_based_metrics: pass `candidate_ids` to the factorized metrics, as TFRS does when
+            ids are given (their index must then be built with identifiers). Set False when
+            the metrics' index has no identifiers: evaluation is then score-based.
+        """
+        super().__init__(
+            loss=loss, metrics=metrics, batch_metrics=batch_metrics, loss_metrics=loss_metrics,
+            temperature=temperature, num_hard_negatives=num_hard_negatives,
+            remove_accidental_hits=remove_accidental_hits, name=name)
+        if cache is not None:
+            if not isinstance(cache, NegativeCache):
+                raise ValueError(
+                    f"`cache` must be a tfnegcache.NegativeCache or None. Received: {cache!r}.")
+            if candidate_model is None or not callable(candidate_model):
+                raise ValueError(
+                    "`candidate_model` must be given with a cache: a callable mapping a dict of "
+                    f"cached features {sorted(cache.feature_spec)} to embeddings, used to "
+                    f"re-encode sampled negatives. Received: {candidate_model!r}.")
+        if isinstance(num_negatives, bool) or not isinstance(num_negatives, int) or num_negatives < 1:
+            raise ValueError(
+                f"`num_negatives` must be an integer >= 1 (negatives drawn from the cache per "
+                f"query). Received: num_negatives={num_negatives!r}.")
+        self.cache = cache
+        self.candidate_model = candidate_model
+        self.num_negatives = num_negatives
+        self.use_in_batch_negatives = bool(use_in_batch_negatives)
+        self.id_based_metrics = bool(id_based_metrics)
+        self.in_train_step = False
+        self._pending_update: Optional[CacheUpdate] = None
+        if cache is not None:
+            self.staleness = tf.keras.metrics.Mean(name="cache_staleness")
+
+    def pop_update(self) -> Optional[CacheUpdate]:
+        """Returns and forgets the `CacheUpdate` recorded by the last training call."""
+        update, self._pending_update = self._pending_update, None
+        return update
+
+    def _in_batch_logits(self, query_embeddings, candidate_embeddings, candidate_sampling_probability,
+                         candidate_ids, score_mask):
+        """Scores and labels over the in-batch candidates, as `tfrs.tasks.Retrieval` makes them."""
+        scores = tf.linalg.matmul(query_embeddings, candidate_embeddings, transpose_b=True)
+        labels = tf.eye(tf.shape(scores)[0], tf.shape(scores)[1])
+        if self._temperature is not None:
+            scores = scores / self._temperature
+        if candidate_sampling_probability is not None:
+            scores = tfrs.layers.loss.SamplingProbablityCorrection()(
+                scores, candidate_sampling_probability)
+        if self._remove_accidental_hits:
+            scores = tfrs.layers.loss.RemoveAccidentalHits()(labels, scores, candidate_ids)
+        if score_mask is not None:
+            scores = tf.where(score_mask, scores, MIN_FLOAT)
+        if self._num_hard_negatives is not None:
+            scores, labels = tfrs.layers.loss.HardNegativeMining(self._num_hard_negatives)(
+                scores, labels)
+        return scores, labels
+
+    def _check_inputs(self, query_embeddings, candidate_embeddings, candidate_ids,
+                      candidate_features):
+        if candidate_ids is None or candidate_features is None:
+            raise ValueError(
+                "With a negative cache, `candidate_ids` ([num_candidates]) and "
+                "`candidate_features` (a dict with keys "
+                f"{sorted(self.cache.feature_spec)}) must be passed to the task. Received: "
+                f"candidate_ids={'None' if candidate_ids is None else 'a tensor'}, "
+                f"candidate_features={'None' if candidate_features is None else 'a dict'}.")
+        if query_embeddings.shape.rank != 2:
+            raise ValueError(
+                "With a negative cache, `query_embeddings` must be [num_queries, "
+                f"embedding_dim]. Received shape {tuple(query_embeddings.shape)}.")
+        for what, tensor in (("query_embeddings", query_embeddings),
+                             ("candidate_embeddings", candidate_embeddings)):
+            self.cache.check_embeddings(tensor, what)
+        candidate_ids = self.cache.check_ids(candidate_ids)
+        num_rows = candidate_embeddings.shape[0]
+        features = self.cache.check_features(candidate_features, num_rows)
+        self.cache.check_batch_fits(num_rows)
+        return candidate_ids, features
+
+    def _cache_logit(self, query_embeddings, candidate_ids, training):
+        """The cache's column of the logits, `[B]`, and the update the step asks for."""
+        cache, k = self.cache, self.num_negatives
+        num_queries = tf.shape(query_embeddings)[0]
+        positives = candidate_ids[:num_queries]
+        draw = cache.sample(
+            query_embeddings, num_samples=k, temperature=self._temperature,
+            masked_ids=candidate_ids if self.use_in_batch_negatives else None,
+            excluded_ids=None if self.use_in_batch_negatives else positives,
+            draw=training)
+        has_mass = tf.math.is_finite(draw.log_mass)
+        log_mass = tf.stop_gradient(tf.where(has_mass, draw.log_mass, MIN_FLOAT))
+        if not training:
+            return log_mass, None
+
+        slots = tf.reshape(draw.slots, [-1])
+        features, stale, _ = cache.gather(slots)
+        fresh = tf.convert_to_tensor(self.candidate_model(features))
+        fresh = tf.cast(cache.check_embeddings(fresh, "candidate_model output"),
+                        query_embeddings.dtype)
+        fresh_scores = tf.reduce_sum(
+            query_embeddings[:, None, :] * tf.reshape(fresh, [num_queries, k, -1]), axis=-1)
+        if self._temperature is not None:
+            fresh_scores = fresh_scores / self._temperature
+        correction = tf.reduce_mean(fresh_scores - tf.stop_gradient(fresh_scores), axis=-1)
+        valid = tf.repeat(has_mass, k)
+        # Draws from an empty cache are arbitrary slots: no gradient, no write-back, no stats.
+        cache_logit = log_mass + tf.where(has_mass, correction, tf.zeros_like(correction))
+
+        fresh_sg = tf.stop_gradient(fresh)
+        stale = tf.cast(stale, fresh_sg.dtype)
+        staleness = tf.reduce_sum(tf.square(stale - fresh_sg), -1) / tf.maximum(
+            tf.reduce_sum(tf.square(fresh_sg), -1), 1e-12)
+        self.staleness.update_state(staleness, sample_weight=tf.cast(valid, staleness.dtype))
+        return cache_logit, (slots, fresh_sg, valid)
+
+    def call(
+        self,
+        query_embeddings: tf.Tensor,
+        candidate_embeddings: tf.Tensor,
+        sample_weight: Optional[tf.Tensor] = None,
+        candidate_sampling_probability: Optional[tf.Tensor] = None,
+        candidate_ids: Optional[tf.Tensor] = None,
+        compute_metrics: bool = True,
+        compute_batch_metrics: bool = True,
+        score_mask: Optional[tf.Tensor] = None,
+        candidate_features: Optional[Dict[str, tf.Tensor]] = None,
+        training: Optional[bool] = None,
+    ) -> tf.Tensor:
+        """Computes the loss (and updates metrics); records the cache update in training.
+
+        Args:
+          query_embeddings: `[num_queries, d]`.
+          candidate_embeddings: `[num_candidates, d]`, the first `num_queries` rows the
+            positives (extra rows are extra in-batch negatives, as in TFRS).
+          sample_weight, candidate_sampling_probability, compute_metrics,
+          compute_batch_metrics, score_mask: as in `tfrs.tasks.Retrieval.call`.
+          candidate_ids: `[num_candidates]` ids; required with a cache (masking, dedupe).
+          candidate_features: `{name: [num_candidates, ...]}`, the candidates' features for
+            the cache's `feature_spec`; required with a cache.
+          training: whether to draw negatives and record a cache update. None means "inside
+            `CachedRetrievalModel.train_step`" (the model sets `in_train_step`).
+
+        Returns:
+          The loss: a scalar (or what `loss` reduces to).
+        """
+        if self.cache is None:
+            return super().call(
+                query_embeddings, candidate_embeddings, sample_weight=sample_weight,
+                candidate_sampling_probability=candidate_sampling_probability,
+                candidate_ids=candidate_ids, compute_metrics=compute_metrics,
+                compute_batch_metrics=compute_batch_metrics, score_mask=score_mask)
+        if training is None:
+            training = self.in_train_step
+        candidate_ids, features = self._check_inputs(
+            query_embeddings, candidate_embeddings, candidate_ids, candidate_features)
+
+        if self.use_in_batch_negatives:
+            scores, labels = self._in_batch_logits(
+                query_embeddings, candidate_embeddings, candidate_sampling_probability,
+                candidate_ids, score_mask)
+        else:
+            num_queries = tf.shape(query_embeddings)[0]
+            scores = tf.reduce_sum(
+                query_embeddings * candidate_embeddings[:num_queries], -1, keepdims=True)
+            if self._temperature is not None:
+                scores = scores / self._temperature
+            labels = tf.ones_like(scores)
+        cache_logit, write_back = self._cache_logit(query_embeddings, candidate_ids, training)
+        all_scores = tf.concat([scores, cache_logit[:, None]], axis=1)
+        all_labels = tf.concat([labels, tf.zeros_like(labels[:, :1])], axis=1)
+        loss = self._loss(y_true=all_labels, y_pred=all_scores, sample_weight=sample_weight)
+        if training:
+            self._pending_update = CacheUpdate(
+                insert=(features, tf.stop_gradient(candidate_embeddings), candidate_ids),
+                write_back=write_back)
+
+        update_ops = [metric.update_state(loss) for metric in self._loss_metrics]
+        if compute_metrics:
+            for metric in self._factorized_metrics:
+                update_ops.append(metric.update_state(
+                    query_embeddings, candidate_embeddings[:tf.shape(query_embeddings)[0]],
+                    true_candidate_ids=candidate_ids if self.id_based_metrics else None,
+                    sample_weight=sample_weight))
+        if compute_batch_metrics and self.use_in_batch_negatives:
+            for metric in self._batch_metrics:
+                update_ops.append(metric.update_state(labels, scores, sample_weight=sample_weight))
+        with tf.control_dependencies([op for op in update_ops if op is not None]):
+            return tf.identity(loss)

@@ -1,0 +1,247 @@
+"""Gumbel-Max sampling from the softmax over a cache of embeddings (ALGORITHM.md, steps 2-3).
+
+Two functions do the work:
+
+- `gumbel_max_sample`: the textbook draw over a full `[B, N]` logit matrix. It is the
+  reference the fast sampler is tested against, and the baseline of the sampler benchmark.
+- `sample_cache`: the draw the training step uses. It never holds the `[B, N]` score matrix:
+  the cache is scored in chunks, each chunk reduced to per-block log-masses, and the sample is
+  drawn in two exact stages (a block by Gumbel-Max over block log-masses, then a slot by
+  Gumbel-Max inside the chosen block, re-scored from the cached embeddings). Because
+  `P(slot) = P(block) P(slot | block)`, this is the same distribution as full Gumbel-Max, with
+  `B k (N / b + b)` random numbers instead of `B k N`.
+
+All randomness is stateless (`tf.random.stateless_uniform`), keyed by a `[2]` int seed, so a
+draw is reproducible from its seed and a restored checkpoint continues the same stream.
+"""
+
+import dataclasses
+import math
+from typing import Optional
+
+import numpy as np
+import tensorflow as tf
+
+NEG_INF = float("-inf")
+# Elements of the `[B, chunk]` score tile scored at once; 2^22 float32 is 16 MiB.
+DEFAULT_TILE_ELEMENTS = 2**22
+
+
+def gumbel_noise(shape, seed: tf.Tensor, dtype=tf.float32) -> tf.Tensor:
+    """Standard Gumbel noise `-log(-log(U))`, U uniform on (0, 1), from a stateless seed."""
+    tiny = np.finfo(dtype.as_numpy_dtype).tiny
+    uniform = tf.random.stateless_uniform(shape, seed, minval=tiny, maxval=1.0, dtype=dtype)
+    return -tf.math.log(-tf.math.log(uniform))
+
+
+def gumbel_max_sample(logits: tf.Tensor, num_samples: int, seed: tf.Tensor) -> tf.Tensor:
+    """Draws `num_samples` indices per row from `softmax(logits)` by full Gumbel-Max.
+
+    Args:
+      logits: `[num_queries, num_items]` logits; `-inf` entries are never drawn.
+      num_samples: draws per row, independent, with replacement.
+      seed: `[2]` int seed for the stateless generator.
+
+    Returns:
+      `[num_queries, num_samples]` int32 indices into the last axis of `logits`.
+    """
+    shape = tf.concat([tf.shape(logits)[:1], [num_samples], tf.shape(logits)[1:]], axis=0)
+    noise = gumbel_noise(shape, seed, logits.dtype)
+    return tf.argmax(logits[:, None, :] + noise, axis=-1, output_type=tf.int32)
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerPlan:
+    """How `sample_cache` cuts `num_slots` into blocks (sampling) and chunks (scoring).
+
+    Attributes:
+      num_slots: N, the number of cache slots.
+      block_size: b, slots per sampling block. Two-stage sampling draws `N / b` block noises
+        and then re-scores the chosen block's `b` slots per draw, so `b ~ sqrt(N / (d + 1))`
+        balances the two.
+      blocks_per_chunk: blocks scored per tile; a tile is `[B, blocks_per_chunk * b]`.
+      num_blocks: `ceil(N / b)`.
+      num_chunks: `ceil(num_blocks / blocks_per_chunk)`.
+    """
+
+    num_slots: int
+    block_size: int
+    blocks_per_chunk: int
+
+    @property
+    def num_blocks(self) -> int:
+        return -(-self.num_slots // self.block_size)
+
+    @property
+    def chunk_size(self) -> int:
+        return self.block_size * self.blocks_per_chunk
+
+    @property
+    def num_chunks(self) -> int:
+        return -(-self.num_blocks // self.blocks_per_chunk)
+
+
+def plan_sampler(
+    num_slots: int,
+    embedding_dim: int,
+    num_queries: Optional[int],
+    block_size: Optional[int] = None,
+    tile_elements: int = DEFAULT_TILE_ELEMENTS,
+) -> SamplerPlan:
+    """Chooses block and chunk sizes from the shapes.
+
+    Args:
+      num_slots: N.
+      embedding_dim: d.
+      num_queries: B if static, else None (then 512 is assumed for the memory budget).
+      block_size: force b (tests use this); else the power of two nearest `sqrt(N / (d + 1))`.
+      tile_elements: the largest `B * chunk` score tile to hold at once.
+
+    Returns:
+      A `SamplerPlan`.
+    """
+    if num_slots < 1:
+        raise ValueError(f"`num_slots` must be >= 1. Received: num_slots={num_slots}.")
+    if block_size is None:
+        ideal = math.sqrt(num_slots / (embedding_dim + 1))
+        block_size = 2 ** max(0, round(math.log2(max(ideal, 1.0))))
+    block_size = int(min(max(block_size, 1), num_slots))
+    num_blocks = -(-num_slots // block_size)
+    rows = num_queries or 512
+    blocks_per_chunk = max(1, tile_elements // (rows * block_size))
+    return SamplerPlan(num_slots, block_size, int(min(blocks_per_chunk, num_blocks)))
+
+
+@dataclasses.dataclass
+class CacheDraw:
+    """What `sample_cache` returns.
+
+    Attributes:
+      log_mass: `[B]`, `logsumexp_j` of the masked cached scores (`-inf` when nothing is
+        eligible), the `M_i` of ALGORITHM.md step 5.
+      slots: `[B, k]` int32 slots drawn, or None when no samples were asked for.
+      perturbed: `[B, k]`, the winning perturbed score `max_j (s~_ij + G_ij)` of each draw:
+        comparing it across disjoint caches (shards) picks the draw over their union.
+    """
+
+    log_mass: tf.Tensor
+    slots: Optional[tf.Tensor] = None
+    perturbed: Optional[tf.Tensor] = None
+
+
+def _masked_scores(queries, embeddings, positions, slot_bias, excluded_slots, inv_temperature,
+                   num_slots):
+    """Scores queries against the slots at `positions` with every mask applied.
+
+    `positions` is `[P]` (one tile shared by every query: a matmul) or `[B, k, P]` (a block per
+    draw: a batched dot product). Positions `>= num_slots` are padding and score `-inf`.
+    """
+    valid = positions < num_slots
+    safe = tf.minimum(positions, num_slots - 1)
+    cached = tf.cast(tf.gather(embeddings, safe), queries.dtype)
+    if positions.shape.rank == 1:
+        scores = tf.matmul(queries, cached, transpose_b=True)
+        expand = lambda x: x[None, :]  # noqa: E731
+        excluded = excluded_slots[:, None] if excluded_slots is not None else None
+    else:
+        scores = tf.einsum("bd,bkpd->bkp", queries, cached)
+        expand = lambda x: x  # noqa: E731
+        excluded = excluded_slots[:, None, None] if excluded_slots is not None else None
+    scores = scores * inv_temperature + expand(tf.gather(slot_bias, safe))
+    eligible = expand(valid)
+    if excluded is not None:
+        eligible = tf.logical_and(eligible, expand(positions) != excluded)
+    return tf.where(eligible, scores, NEG_INF)
+
+
+def block_log_masses(queries, embeddings, slot_bias, excluded_slots, inv_temperature,
+                     plan: SamplerPlan) -> tf.Tensor:
+    """Per-block `logsumexp` of masked scores, scoring one `[B, chunk]` tile at a time.
+
+    Returns:
+      `[B, num_blocks]` block log-masses (`-inf` for blocks with nothing eligible).
+    """
+    num_rows = tf.shape(queries)[0]
+
+    def one_chunk(chunk_index):
+        positions = chunk_index * plan.chunk_size + tf.range(plan.chunk_size)
+        scores = _masked_scores(queries, embeddings, positions, slot_bias, excluded_slots,
+                                inv_temperature, plan.num_slots)
+        tiles = tf.reshape(scores, [num_rows, plan.blocks_per_chunk, plan.block_size])
+        return tf.reduce_logsumexp(tiles, axis=-1)
+
+    if plan.num_chunks == 1:
+        masses = one_chunk(0)
+    else:
+        # A while loop with parallel_iterations=1 holds one tile at a time: peak memory does
+        # not grow with N.
+        per_chunk = tf.map_fn(
+            one_chunk,
+            tf.range(plan.num_chunks),
+            fn_output_signature=tf.TensorSpec([None, plan.blocks_per_chunk], queries.dtype),
+            parallel_iterations=1,
+        )
+        masses = tf.reshape(tf.transpose(per_chunk, [1, 0, 2]), [num_rows, -1])
+    return masses[:, : plan.num_blocks]
+
+
+def sample_cache(
+    queries: tf.Tensor,
+    embeddings: tf.Tensor,
+    slot_bias: tf.Tensor,
+    inv_temperature: float,
+    num_samples: int,
+    seed: Optional[tf.Tensor],
+    excluded_slots: Optional[tf.Tensor] = None,
+    plan: Optional[SamplerPlan] = None,
+) -> CacheDraw:
+    """Log-mass of the cache per query and, if `seed` is given, exact Gumbel-Max draws.
+
+    The distribution drawn from is `softmax_j(<q_i, e_j> * inv_temperature + slot_bias_j)` over
+    the slots j that are not excluded for query i.
+
+    Args:
+      queries: `[B, d]` query embeddings (treated as constants).
+      embeddings: `[N, d]` cached embeddings (any float dtype; scored in `queries.dtype`).
+      slot_bias: `[N]` added to every query's score of slot j: 0 for eligible slots, `-inf`
+        for empty or masked ones.
+      inv_temperature: `1 / T`.
+      num_samples: k draws per query, independent, with replacement.
+      seed: `[2]` int seed, or None to compute only the log-mass (evaluation).
+      excluded_slots: optional `[B]` int32, a slot excluded for query i alone (its positive's
+        slot, an accidental hit); negative means none.
+      plan: block and chunk sizes; `plan_sampler` chooses them when None.
+
+    Returns:
+      A `CacheDraw`.
+    """
+    queries = tf.stop_gradient(queries)
+    embeddings = tf.convert_to_tensor(embeddings)
+    if plan is None:
+        plan = plan_sampler(embeddings.shape[0], embeddings.shape[1], queries.shape[0])
+    if excluded_slots is not None:
+        excluded_slots = tf.cast(excluded_slots, tf.int32)
+    block_masses = block_log_masses(queries, embeddings, slot_bias, excluded_slots,
+                                    inv_temperature, plan)
+    log_mass = tf.reduce_logsumexp(block_masses, axis=-1)
+    if seed is None:
+        return CacheDraw(log_mass=log_mass)
+
+    num_rows = tf.shape(queries)[0]
+    block_seed, slot_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+    # Stage 1: a block per draw, by Gumbel-Max over the block log-masses.
+    block_noise = gumbel_noise([num_rows, num_samples, plan.num_blocks], block_seed,
+                               queries.dtype)
+    perturbed_blocks = block_masses[:, None, :] + block_noise
+    blocks = tf.argmax(perturbed_blocks, axis=-1, output_type=tf.int32)
+    perturbed = tf.reduce_max(perturbed_blocks, axis=-1)
+    # Stage 2: a slot inside the chosen block, by Gumbel-Max over its re-computed scores.
+    positions = blocks[..., None] * plan.block_size + tf.range(plan.block_size)
+    scores = _masked_scores(queries, embeddings, positions, slot_bias, excluded_slots,
+                            inv_temperature, plan.num_slots)
+    slot_noise = gumbel_noise([num_rows, num_samples, plan.block_size], slot_seed,
+                              queries.dtype)
+    within = tf.argmax(scores + slot_noise, axis=-1, output_type=tf.int32)
+    slots = tf.gather(positions, within, batch_dims=2)
+    slots = tf.minimum(slots, plan.num_slots - 1)
+    return CacheDraw(log_mass=log_mass, slots=slots, perturbed=perturbed)
