@@ -118,18 +118,20 @@ class NegativeCache(tf.keras.layers.Layer):
                 name=name, shape=shape, dtype=dtype, trainable=False,
                 initializer=lambda shape, dtype: tf.fill(shape, tf.constant(fill, dtype)))
 
-        n = self.size
-        self.features = {
-            key: variable(f"features/{key}", [n, *s.shape.as_list()], s.dtype)
-            for key, s in self.feature_spec.items()
-        }
-        self.embeddings = variable("embeddings", [n, self.embedding_dim], embedding_dtype)
-        self.ids = variable("ids", [n], id_dtype)
-        self.inserted_at = variable("inserted_at", [n], tf.int64)
-        self.updated_at = variable("updated_at", [n], tf.int64)
-        self.num_filled = variable("num_filled", [], tf.int64)
-        self.cursor = variable("cursor", [], tf.int64)
-        self.step = variable("step", [], tf.int64)
+        # Scoped by the layer's name, so variables read `negative_cache/embeddings:0`.
+        with tf.name_scope(self.name):
+            n = self.size
+            self.features = {
+                key: variable(f"features/{key}", [n, *s.shape.as_list()], s.dtype)
+                for key, s in self.feature_spec.items()
+            }
+            self.embeddings = variable("embeddings", [n, self.embedding_dim], embedding_dtype)
+            self.ids = variable("ids", [n], id_dtype)
+            self.inserted_at = variable("inserted_at", [n], tf.int64)
+            self.updated_at = variable("updated_at", [n], tf.int64)
+            self.num_filled = variable("num_filled", [], tf.int64)
+            self.cursor = variable("cursor", [], tf.int64)
+            self.step = variable("step", [], tf.int64)
         self.index = tf.lookup.experimental.MutableHashTable(
             key_dtype=id_dtype, value_dtype=tf.int64, default_value=-1, name="id_to_slot")
         self._draws_this_step = 0

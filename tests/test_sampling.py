@@ -1,0 +1,118 @@
+"""The samplers draw from softmax over eligible slots; chunked statistics match a dense reference."""
+
+import numpy as np
+import pytest
+import scipy.stats
+import tensorflow as tf
+
+from tfnegcache import sampling
+
+
+def softmax(x):
+    x = np.asarray(x, np.float64)
+    e = np.exp(x - x[np.isfinite(x)].max())
+    return e / e.sum()
+
+
+def chi_square_p(draws, probabilities):
+    """p-value of the draws (ints) against `probabilities`, over the support only."""
+    support = probabilities > 0
+    counts = np.bincount(draws, minlength=len(probabilities))
+    assert counts[~support].sum() == 0, "drew an index of probability zero"
+    expected = probabilities[support] * len(draws)
+    return scipy.stats.chisquare(counts[support], expected).pvalue
+
+
+def test_gumbel_max_sample_follows_softmax_and_skips_masked():
+    logits = np.array([[0.0, 1.0, -1.0, 2.0, -np.inf, 0.5],
+                       [3.0, -np.inf, 0.0, 0.0, 1.0, -2.0]], np.float32)
+    draws = sampling.gumbel_max_sample(tf.constant(logits), 20000, tf.constant([7, 1])).numpy()
+    for row in range(2):
+        assert chi_square_p(draws[row], softmax(logits[row])) > 1e-3
+
+
+def test_chi_square_has_power_against_a_wrong_temperature():
+    # The check above can fail: draws at temperature 0.5 are rejected against T=1.
+    logits = np.array([[0.0, 1.0, -1.0, 2.0, 0.5]], np.float32)
+    draws = sampling.gumbel_max_sample(tf.constant(logits * 2), 20000, tf.constant([3, 3]))
+    assert chi_square_p(draws.numpy()[0], softmax(logits[0])) < 1e-6
+
+
+def _cache_problem(num_queries=3, num_slots=50, dim=4, seed=0):
+    rng = np.random.default_rng(seed)
+    queries = rng.normal(size=(num_queries, dim)).astype(np.float32)
+    embeddings = rng.normal(size=(num_slots, dim)).astype(np.float32)
+    bias = np.zeros(num_slots, np.float32)
+    bias[[3, 17, 49]] = -np.inf          # masked for everyone (empty or in-batch)
+    bias[40:] = -np.inf                   # an empty tail
+    excluded = np.array([5, -1, 0][:num_queries], np.int32)  # per-query accidental hits
+    return queries, embeddings, bias, excluded
+
+
+def _reference_logits(queries, embeddings, bias, excluded, inv_temperature):
+    logits = queries @ embeddings.T * inv_temperature + bias[None, :]
+    for row, slot in enumerate(excluded):
+        if slot >= 0:
+            logits[row, slot] = -np.inf
+    return logits
+
+
+@pytest.mark.parametrize("block_size,tile_elements", [(8, 2**22), (8, 48), (1, 30), (50, 2**22), (7, 60)])
+def test_sample_cache_log_mass_matches_dense_reference(block_size, tile_elements):
+    queries, embeddings, bias, excluded = _cache_problem()
+    plan = sampling.plan_sampler(50, 4, 3, block_size=block_size, tile_elements=tile_elements)
+    draw = sampling.sample_cache(tf.constant(queries), tf.constant(embeddings), tf.constant(bias),
+                                 0.5, 1, None, tf.constant(excluded), plan=plan)
+    reference = _reference_logits(queries, embeddings, bias, excluded, 0.5)
+    expected = scipy.special.logsumexp(reference, axis=1)
+    np.testing.assert_allclose(draw.log_mass.numpy(), expected, rtol=1e-6, atol=1e-6)
+    assert draw.slots is None
+
+
+@pytest.mark.parametrize("block_size,tile_elements", [(8, 48), (16, 2**22), (1, 30)])
+def test_sample_cache_draws_follow_masked_softmax(block_size, tile_elements):
+    queries, embeddings, bias, excluded = _cache_problem()
+    plan = sampling.plan_sampler(50, 4, 3, block_size=block_size, tile_elements=tile_elements)
+    assert plan.num_chunks > 1 or tile_elements > 1000
+    draw = sampling.sample_cache(tf.constant(queries), tf.constant(embeddings), tf.constant(bias),
+                                 0.5, 20000, tf.constant([11, 5]), tf.constant(excluded), plan=plan)
+    reference = _reference_logits(queries, embeddings, bias, excluded, 0.5)
+    slots = draw.slots.numpy()
+    for row in range(3):
+        assert chi_square_p(slots[row], softmax(reference[row])) > 1e-3
+    # The winning perturbed score of a Gumbel-Max draw is Gumbel(log-mass): mean M + 0.5772.
+    gamma = 0.5772156649
+    np.testing.assert_allclose(draw.perturbed.numpy().mean(1), draw.log_mass.numpy() + gamma,
+                               atol=0.05)
+
+
+def test_sample_cache_reduced_precision_storage_scores_in_float32():
+    queries, embeddings, bias, excluded = _cache_problem()
+    half = tf.constant(embeddings, tf.bfloat16)
+    draw = sampling.sample_cache(tf.constant(queries), half, tf.constant(bias), 1.0, 3,
+                                 tf.constant([1, 2]), tf.constant(excluded))
+    reference = _reference_logits(queries, tf.cast(half, tf.float32).numpy(), bias, excluded, 1.0)
+    np.testing.assert_allclose(draw.log_mass.numpy(), scipy.special.logsumexp(reference, 1),
+                               rtol=1e-6)
+    assert draw.log_mass.dtype == tf.float32
+
+
+def test_sample_cache_empty_cache_has_no_mass():
+    draw = sampling.sample_cache(tf.ones([2, 3]), tf.zeros([10, 3]), tf.fill([10], -np.inf),
+                                 1.0, 2, tf.constant([0, 0]))
+    assert np.all(np.isneginf(draw.log_mass.numpy()))
+    assert draw.slots.shape == (2, 2)
+
+
+@pytest.mark.parametrize("num_slots,dim,expected_block", [(2**20, 64, 128), (2**14, 64, 16), (100, 3, 4), (1, 8, 1)])
+def test_plan_sampler_balances_stages_and_bounds_tiles(num_slots, dim, expected_block):
+    plan = sampling.plan_sampler(num_slots, dim, 256)
+    assert plan.block_size == expected_block
+    assert plan.num_blocks * plan.block_size >= num_slots
+    assert 256 * plan.chunk_size <= max(sampling.DEFAULT_TILE_ELEMENTS, 256 * plan.block_size)
+    assert plan.num_chunks * plan.chunk_size >= num_slots
+
+
+def test_plan_sampler_rejects_empty_cache():
+    with pytest.raises(ValueError, match="num_slots"):
+        sampling.plan_sampler(0, 4, 2)
