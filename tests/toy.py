@@ -76,6 +76,9 @@ class ToyModel(tfnegcache.CachedRetrievalModel):
             cache=cache, candidate_model=self.candidate_tower, num_negatives=num_negatives,
             **task_kwargs)
 
+    def call(self, user_ids):
+        return self.query_tower(user_ids)
+
     def compute_loss(self, features, training=False):
         candidates = {"item_id": features["item_id"], "tokens": features["tokens"]}
         return self.task(

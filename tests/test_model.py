@@ -1,0 +1,122 @@
+"""CachedRetrievalModel end to end: fit, evaluate, predict, checkpoints, failed steps."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import toy
+
+
+def snapshot(model):
+    return {v.name: v.numpy() for v in model.task.cache.weights}
+
+
+def assert_same(before, after):
+    for name in before:
+        np.testing.assert_array_equal(before[name], after[name], err_msg=name)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return toy.interactions(20000, seed=1), toy.interactions(4000, seed=2)
+
+
+def train(data, cache_size, epochs=3, **kwargs):
+    model = toy.ToyModel(cache_size=cache_size, **kwargs)
+    model.compile(tf.keras.optimizers.Adam(0.05))
+    history = model.fit(toy.dataset(data[0], 128), epochs=epochs, verbose=0)
+    return model, history.history
+
+
+def test_fit_fills_cache_lowers_loss_and_beats_in_batch_recall(data):
+    model, history = train(data, cache_size=512)
+    baseline, _ = train(data, cache_size=None)
+    assert history["loss"][-1] < history["loss"][0]
+    assert history["cache_fill"][-1] == pytest.approx(toy.NUM_ITEMS / 512)
+    assert 0 < history["cache_staleness"][-1] < history["cache_staleness"][0]
+    cached_recall = toy.recall_at(model, data[1])
+    in_batch_recall = toy.recall_at(baseline, data[1])
+    # Measured: 0.751 vs 0.656 (seed 0); the planted popularity skew biases in-batch negatives.
+    assert cached_recall > in_batch_recall + 0.05, (cached_recall, in_batch_recall)
+    assert int(model.task.cache.step.numpy()) == 3 * (20000 // 128)
+
+
+def test_evaluate_and_predict_leave_cache_unchanged_and_report_no_staleness(data):
+    model, _ = train(data, cache_size=512, epochs=1)
+    before = snapshot(model)
+    results = model.evaluate(toy.dataset(data[1], 128), return_dict=True, verbose=0)
+    model.predict(tf.constant(data[1]["user_id"][:256]), verbose=0)
+    assert_same(before, snapshot(model))
+    assert "cache_staleness" not in results and "cache_fill" not in results
+    assert np.isfinite(results["loss"])
+
+
+def test_eval_loss_includes_the_cache(data):
+    model, _ = train(data, cache_size=512, epochs=1)
+    batch = {k: v[:128] for k, v in data[1].items()}
+    with_cache = model.compute_loss(batch, training=False)
+    cache = model.task.cache
+    cache.num_filled.assign(0)   # an empty cache: only in-batch negatives remain
+    without = model.compute_loss(batch, training=False)
+    assert with_cache.numpy() > without.numpy()
+
+
+def test_checkpoint_restores_cache_and_training_resumes_identically(data, tmp_path):
+    tf.config.experimental.enable_op_determinism()
+    model, _ = train(data, cache_size=400, epochs=1)
+    path = str(tmp_path / "ckpt")
+    model.save_weights(path)
+
+    restored = toy.ToyModel(cache_size=400)
+    restored.compile(tf.keras.optimizers.Adam(0.05))
+    restored.fit(toy.dataset({k: v[:128] for k, v in data[0].items()}, 128), epochs=1, verbose=0)
+    restored.load_weights(path)
+    assert_same(snapshot(model), snapshot(restored))
+    ids = tf.constant(np.arange(toy.NUM_ITEMS + 5), tf.int64)
+    np.testing.assert_array_equal(model.task.cache.lookup(ids).numpy(),
+                                  restored.task.cache.lookup(ids).numpy())
+
+    more = toy.dataset({k: v[:2560] for k, v in data[1].items()}, 128)
+    model.fit(more, epochs=1, verbose=0)
+    restored.fit(more, epochs=1, verbose=0)
+    assert_same(snapshot(model), snapshot(restored))
+    for a, b in zip(model.trainable_variables, restored.trainable_variables):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+def test_model_checkpoint_callback_keeps_the_cache(data, tmp_path):
+    model = toy.ToyModel(cache_size=512)
+    model.compile(tf.keras.optimizers.Adam(0.05))
+    path = str(tmp_path / "weights-{epoch:02d}")
+    model.fit(toy.dataset(data[0], 128).take(20), epochs=2, verbose=0,
+              callbacks=[tf.keras.callbacks.ModelCheckpoint(path, save_weights_only=True)])
+    restored = toy.ToyModel(cache_size=512)
+    restored.load_weights(str(tmp_path / "weights-02")).expect_partial()
+    assert_same(snapshot(model), snapshot(restored))
+
+
+class PoisonedTower(toy.CandidateTower):
+    """Returns NaN embeddings for item 0."""
+
+    def call(self, features):
+        out = super().call(features)
+        poisoned = tf.equal(features["item_id"], 0)[:, None]
+        return tf.where(poisoned, np.nan, out)
+
+
+def test_a_step_with_nan_embeddings_fails_and_changes_nothing(data):
+    model = toy.ToyModel(cache_size=512)
+    model.compile(tf.keras.optimizers.Adam(0.05))
+    clean = {k: v[data[0]["item_id"] != 0] for k, v in data[0].items()}
+    model.fit(toy.dataset(clean, 128).take(5), epochs=1, verbose=0)
+    model.candidate_tower.__class__ = PoisonedTower
+    model.train_function = None  # retrace with the poisoned tower
+    before = snapshot(model)
+    weights = [v.numpy() for v in model.trainable_variables]
+    poisoned = {k: v[:128].copy() for k, v in data[0].items()}
+    poisoned["item_id"][3] = 0
+    with pytest.raises(tf.errors.InvalidArgumentError, match="non-finite"):
+        model.fit(toy.dataset(poisoned, 128), epochs=1, verbose=0)
+    assert_same(before, snapshot(model))
+    for w, v in zip(weights, model.trainable_variables):
+        np.testing.assert_array_equal(w, v.numpy())
