@@ -45,19 +45,20 @@ def build_parser():
     train.add_argument("--seeds", "--seed", type=_seeds, default=[0, 1, 2],
                        help="comma-separated seeds (model init, shuffling, cache draws); the "
                             "table reports their mean")
-    train.add_argument("--epochs", type=int, default=5)
+    train.add_argument("--epochs", type=int, default=3)
     train.add_argument("--batch-size", type=int, default=256)
     train.add_argument("--learning-rate", type=float, default=0.1, help="Adagrad learning rate")
     train.add_argument("--embedding-dim", type=int, default=32)
-    train.add_argument("--temperature", type=float, default=0.1)
+    train.add_argument("--temperature", type=float, default=1.0)
     train.add_argument("--cache-size", type=int, default=2048,
                        help="negative cache slots (>= 1682 holds every movie)")
-    train.add_argument("--num-negatives", type=int, default=1,
+    train.add_argument("--num-negatives", type=int, default=8,
                        help="negatives drawn from the cache per query per step")
-    train.add_argument("--cache-without-in-batch", dest="cache_in_batch",
-                       action="store_false",
-                       help="negative cache: softmax over [positive, cache] only, no in-batch "
-                            "negatives")
+    train.add_argument("--cache-with-in-batch", dest="cache_in_batch", action="store_true",
+                       help="negative cache: also use in-batch negatives (default: the softmax "
+                            "is over [positive, cache], which with the whole table cached is "
+                            "the full softmax; in-batch negatives would count popular movies "
+                            "once per occurrence in the batch)")
     train.add_argument("--strategies", type=_strategies,
                        default="in-batch,in-batch-logq,full-softmax,negative-cache",
                        help="comma-separated subset of in-batch,in-batch-logq,full-softmax,"

@@ -12,7 +12,10 @@ batch size and epochs on the same split; only the loss's negatives differ:
   one column, the positive's column is the label).
 - `negative-cache`: `CacheRetrieval` + `CachedRetrievalModel` with a cache of `cache_size`
   slots (default 2048, more than the 1682 movies, so the whole table fits) storing each
-  movie's id, title tokens and genres, re-encoded when sampled.
+  movie's id, title tokens and genres, re-encoded when sampled; by default k = 8 negatives
+  per query and no in-batch negatives, so the softmax is over [positive, whole cache]: with
+  every movie cached, an estimate of the full softmax (in-batch negatives on top would count
+  a popular movie once per occurrence in the batch).
 
 In-batch strategies remove accidental hits (duplicates of a query's positive in the batch).
 
@@ -135,7 +138,7 @@ class TwoTower(tfnegcache.CachedRetrievalModel):
 
     def __init__(self, corpus: Corpus, strategy: str, dim: int, temperature: float,
                  cache_size: int, num_negatives: int, seed: int,
-                 cache_in_batch: bool = True):
+                 cache_in_batch: bool = False):
         super().__init__()
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
@@ -220,9 +223,9 @@ def train_one(corpus: Corpus, strategy: str, seed: int, epochs: int, batch_size:
 
 
 def run(data: movielens.MovieLens, split: str = "tutorial", strategies=STRATEGIES,
-        seeds=(0, 1, 2), epochs: int = 5, batch_size: int = 256, learning_rate: float = 0.1,
-        dim: int = 32, temperature: float = 0.1, cache_size: int = 2048,
-        num_negatives: int = 1, cache_in_batch: bool = True, verbose: int = 1,
+        seeds=(0, 1, 2), epochs: int = 3, batch_size: int = 256, learning_rate: float = 0.1,
+        dim: int = 32, temperature: float = 1.0, cache_size: int = 2048,
+        num_negatives: int = 8, cache_in_batch: bool = False, verbose: int = 1,
         on_model=None, log=print) -> Dict:
     """Trains every strategy with every seed; returns the results as a JSON-able dict.
 
