@@ -299,11 +299,13 @@ def plot(results: Dict, path) -> None:
     import matplotlib  # pylint: disable=import-outside-toplevel
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+    import matplotlib.ticker  # pylint: disable=import-outside-toplevel,unused-import
     fig, ax = plt.subplots(figsize=(6, 4))
     for r in results["table"]:
         values = r["recall@100_per_epoch"]
         ax.plot(range(1, len(values) + 1), values, marker="o", label=r["strategy"])
     cfg = results["config"]
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
     ax.set_ylabel("held-out Recall@100")
     ax.set_title(f"MovieLens 100k, {cfg['split']} split, mean of {len(cfg['seeds'])} seeds")
