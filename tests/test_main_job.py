@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+
 import ml_fixture
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -51,3 +53,17 @@ def test_train_writes_table_plot_and_export(tmp_path):
     export = tmp_path / "saved_models" / "movielens_negative_cache" / "1"
     assert (export / "saved_model.pb").exists()
     assert results["export"] == str(export)
+
+    # `export` rebuilds the towers from train's checkpoint: the same top k as train's export.
+    command = [sys.executable, "-m", "tfnegcache", "export", results["checkpoint"],
+               "--export-dir", str(tmp_path / "again"), "--k", "5"]
+    out = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                         env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+    users = tf.constant(["1", "2", "unknown-user"])
+    first = tf.saved_model.load(str(export)).signatures["serving_default"](user_id=users)
+    again = tf.saved_model.load(str(tmp_path / "again" / "movielens_negative_cache" / "1"))
+    second = again.signatures["serving_default"](user_id=users)
+    np.testing.assert_allclose(second["scores"].numpy(), first["scores"].numpy()[:, :5],
+                               rtol=1e-5, atol=1e-6)

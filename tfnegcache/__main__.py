@@ -75,7 +75,52 @@ def build_parser():
     train.add_argument("--no-export", dest="export", action="store_false")
     train.add_argument("--verbose", type=int, choices=(0, 1, 2), default=1,
                        help="Keras fit verbosity: 1 progress bars, 2 one line per epoch, 0 quiet")
+    export = sub.add_parser(
+        "export",
+        help="export a checkpoint written by train as a TF Serving SavedModel",
+        description=(
+            "Rebuild the towers of a checkpoint written by `train` "
+            "(<output-dir>/checkpoints/negative-cache-seed<N>), encode every movie with the "
+            "candidate tower and write <export-dir>/<name>/<version>/: user_id -> top-k movie "
+            "ids and scores (brute force)."),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    export.add_argument("checkpoint", help="checkpoint directory written by train")
+    export.add_argument("--data-dir", default=None,
+                        help="MovieLens directory; default: the one train used")
+    export.add_argument("--k", type=int, default=100)
+    export.add_argument("--export-dir", default="saved_models")
+    export.add_argument("--name", default="movielens_negative_cache")
+    export.add_argument("--version", type=int, default=1)
     return parser
+
+
+def export(args):
+    # pylint: disable=import-outside-toplevel
+    import numpy as np
+    import tensorflow as tf
+    from tfnegcache.datasets import movielens
+    from tfnegcache.experiments import movielens as experiment
+    from tfnegcache.export import export_retrieval_model
+
+    checkpoint = Path(args.checkpoint)
+    config = json.loads((checkpoint / "config.json").read_text())
+    data = movielens.load(data_dir=args.data_dir or config["data_dir"])
+    # The towers' vocabularies come from all ratings and movies, whatever the split.
+    corpus = experiment.Corpus(data, np.arange(len(data.ratings["user_id"])),
+                               np.zeros([0], np.int64))
+    query_tower = experiment.query_tower(corpus.users, config["embedding_dim"])
+    candidate_tower = experiment.CandidateTower(
+        corpus.num_movies, len(corpus.vocab), config["embedding_dim"])
+    query_tower(tf.constant(corpus.users[:1]))
+    movies = candidate_tower(corpus.movie_tensors())  # builds the variables, then restore
+    tf.train.Checkpoint(query_tower=query_tower, candidate_tower=candidate_tower).read(
+        str(checkpoint / "towers")).assert_existing_objects_matched()
+    movies = candidate_tower(corpus.movie_tensors())
+    path = export_retrieval_model(
+        query_tower, movies, corpus.movie_ids, k=args.k, name=args.name,
+        version=args.version, base_dir=args.export_dir)
+    print(f"exported {checkpoint} to {path}")
+    return 0
 
 
 def train(args):
@@ -83,6 +128,7 @@ def train(args):
     from tfnegcache.datasets import movielens
     from tfnegcache.experiments import movielens as experiment
     from tfnegcache.export import export_retrieval_model
+    import tensorflow as tf
 
     if isinstance(args.strategies, str):
         args.strategies = _strategies(args.strategies)
@@ -100,6 +146,14 @@ def train(args):
             name="movielens_negative_cache", base_dir=args.export_dir)
         exported["path"] = str(path)
         print(f"exported the negative-cache model (seed {seed}) to {path}", flush=True)
+        # The towers only (no cache, no optimizer), for `python -m tfnegcache export`.
+        checkpoint_dir = output / "checkpoints" / f"negative-cache-seed{seed}"
+        tf.train.Checkpoint(query_tower=model.query_tower,
+                            candidate_tower=model.candidate_tower).write(
+                                str(checkpoint_dir / "towers"))
+        (checkpoint_dir / "config.json").write_text(json.dumps(
+            {"embedding_dim": args.embedding_dim, "data_dir": args.data_dir, "seed": seed}))
+        exported["checkpoint"] = str(checkpoint_dir)
 
     start = time.perf_counter()
     results = experiment.run(
@@ -112,6 +166,7 @@ def train(args):
     results["config"]["command"] = " ".join(["python -m tfnegcache"] + sys.argv[1:])
     results["wall_seconds"] = time.perf_counter() - start
     results["export"] = exported.get("path")
+    results["checkpoint"] = exported.get("checkpoint")
     (output / "main_job.json").write_text(json.dumps(results, indent=1))
     experiment.plot(results, output / "recall_at_100.png")
     print()
@@ -126,6 +181,8 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.command == "train":
         return train(args)
+    if args.command == "export":
+        return export(args)
     return 2
 
 
