@@ -40,7 +40,8 @@ def build_parser():
             "epochs for all, and print Recall@10/50/100, MRR (exact, over all movies) and "
             "seconds per epoch, averaged over the seeds. Writes <output-dir>/main_job.json, "
             "<output-dir>/recall_at_100.png and exports the first seed's cache-trained model "
-            "to <export-dir>/movielens_negative_cache/1 (a TF Serving SavedModel)."),
+            "to <export-dir>/movielens_negative_cache/1 (a TF Serving SavedModel), its "
+            "towers to <output-dir>/checkpoints/negative-cache-seed<N> (for `export`)."),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     train.add_argument("--seeds", "--seed", type=_seeds, default=[0, 1, 2],
                        help="comma-separated seeds (model init, shuffling, cache draws); the "
