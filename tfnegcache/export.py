@@ -1,0 +1,132 @@
+"""Export a trained query tower and a candidate index as a TF Serving SavedModel.
+
+`export_retrieval_model` writes `<path>` (default `saved_models/<name>/<version>/`, the layout
+TF Serving's model server expects: a base directory per model, a numbered directory per
+version) holding only what serving needs: the query tower (its lookup tables and embeddings)
+and the candidate embeddings with their identifiers in a `tfrs.layers.factorized_top_k`
+index. Nothing of training goes in: no negative cache, no candidate tower, no optimizer.
+
+The `serving_default` signature maps raw query features to the top-k candidates over the
+whole corpus:
+
+    {"user_id": tf.string [batch]}  ->  {"ids": tf.string [batch, k], "scores": float32 [batch, k]}
+
+(the input's name and dtype are `input_name` / `input_spec`; the output ids have the dtype of
+`candidate_ids`). Out-of-vocabulary queries are whatever the query tower makes of them: for the
+MovieLens towers of `tfnegcache.experiments.movielens`, an unknown user id maps to the
+`StringLookup`'s single OOV index, whose embedding is never trained, so every unknown user gets
+the same, non-personalised top k (well-formed ids and finite scores, no error).
+"""
+
+import os
+from pathlib import Path
+from typing import Optional, Union
+
+import tensorflow as tf
+import tensorflow_recommenders as tfrs
+
+
+class _Served(tf.Module):
+    """The exported object: an index that owns the query tower and the candidates."""
+
+    def __init__(self, index, input_name, input_spec):
+        super().__init__()
+        self.index = index
+        self.input_name = input_name
+
+        @tf.function(input_signature=[input_spec])
+        def serve(queries):
+            scores, ids = self.index(queries)
+            return {"ids": ids, "scores": scores}
+
+        self.serve = serve
+
+
+def _embeddings_from(candidates, candidate_ids):
+    """`(embeddings [n, d], ids [n])` from a tensor/array, or a dataset of either form."""
+    if isinstance(candidates, tf.data.Dataset):
+        parts, id_parts = [], []
+        for element in candidates:
+            if isinstance(element, (tuple, list)):
+                id_parts.append(tf.convert_to_tensor(element[0]))
+                parts.append(tf.convert_to_tensor(element[1]))
+            else:
+                parts.append(tf.convert_to_tensor(element))
+        embeddings = tf.concat(parts, 0)
+        if id_parts:
+            if candidate_ids is not None:
+                raise ValueError("Give `candidate_ids` or a dataset of (ids, embeddings), not both.")
+            candidate_ids = tf.concat(id_parts, 0)
+    else:
+        embeddings = tf.convert_to_tensor(candidates)
+    if candidate_ids is None:
+        raise ValueError("`candidate_ids` is required unless the dataset yields (ids, embeddings).")
+    candidate_ids = tf.convert_to_tensor(candidate_ids)
+    if embeddings.shape.rank != 2 or candidate_ids.shape.rank != 1 or (
+            embeddings.shape[0] != candidate_ids.shape[0]):
+        raise ValueError(
+            "Expected candidate embeddings [n, d] and ids [n]. Received shapes "
+            f"{tuple(embeddings.shape)} and {tuple(candidate_ids.shape)}.")
+    return embeddings, candidate_ids
+
+
+def export_retrieval_model(
+    query_model: tf.keras.Model,
+    candidate_embeddings_or_dataset,
+    candidate_ids=None,
+    path: Optional[Union[str, os.PathLike]] = None,
+    k: int = 100,
+    *,
+    name: str = "retrieval",
+    version: int = 1,
+    base_dir: Union[str, os.PathLike] = "saved_models",
+    input_name: str = "user_id",
+    input_spec: Optional[tf.TensorSpec] = None,
+    index: str = "brute_force",
+) -> Path:
+    """Writes a SavedModel that serves the top `k` candidates for raw query features.
+
+    Args:
+      query_model: maps a batch of raw query features (`input_spec`) to `[batch, d]`
+        embeddings; for MovieLens, a user-id string lookup plus embedding.
+      candidate_embeddings_or_dataset: the whole corpus's embeddings `[n, d]` (tensor or
+        array), or a `tf.data.Dataset` of embedding batches, or of `(ids, embeddings)` batches
+        (then leave `candidate_ids` None). Compute them with the trained candidate tower
+        before exporting; the tower itself is not exported.
+      candidate_ids: `[n]` identifiers returned for the candidates (e.g. movie id strings).
+      path: the version directory to write; default `<base_dir>/<name>/<version>`.
+      k: how many candidates to return per query (at most n).
+      name, version, base_dir: the default path's parts.
+      input_name: the signature's input name (default "user_id").
+      input_spec: the input's `tf.TensorSpec`; default `tf.TensorSpec([None], tf.string)`.
+      index: "brute_force" (exact, `tfrs.layers.factorized_top_k.BruteForce`) or "scann"
+        (`tfrs.layers.factorized_top_k.ScaNN`, needs the `scann` package).
+
+    Returns:
+      The directory written.
+    """
+    embeddings, candidate_ids = _embeddings_from(candidate_embeddings_or_dataset, candidate_ids)
+    num_candidates = int(embeddings.shape[0])
+    if not 1 <= int(k) <= num_candidates:
+        raise ValueError(f"`k` must be in [1, {num_candidates}] (the corpus). Received: k={k}.")
+    if input_spec is None:
+        input_spec = tf.TensorSpec([None], tf.string, name=input_name)
+    if index == "brute_force":
+        layer = tfrs.layers.factorized_top_k.BruteForce(query_model, k=int(k))
+    elif index == "scann":
+        layer = tfrs.layers.factorized_top_k.ScaNN(query_model, k=int(k))
+    else:
+        raise ValueError(f"`index` must be 'brute_force' or 'scann'. Received: {index!r}.")
+    layer.index(tf.cast(embeddings, tf.float32), candidate_ids)
+    served = _Served(layer, input_name, input_spec)
+    # Trace once so the signature's input carries `input_name`.
+    signature = served.serve.get_concrete_function()
+    if path is None:
+        path = Path(base_dir) / name / str(int(version))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    options = tf.saved_model.SaveOptions(
+        namespace_whitelist=["Scann"] if index == "scann" else None)
+    tf.saved_model.save(served, str(path), signatures={"serving_default": signature},
+                        options=options)
+    return path
