@@ -261,7 +261,7 @@ def plot(results, tasks, out_dir):
             smooth = np.convolve(s, np.ones(w) / w, mode="valid")
             ax.plot(np.arange(len(smooth)) + w - 1, smooth,
                     label=f"rate {RATE_NAMES[r['refresh_rate']]}")
-        ax.set_yscale("log")
+        ax.set_yscale("symlog", linthresh=1e-3)   # rate 1 sits at exactly 0
         ax.set_xlabel("training step")
         ax.set_ylabel(f"staleness of sampled negatives (mean over {w} steps)")
         ax.set_title(f"{task.name}: cache = {size_label(biggest, task)}")
@@ -294,6 +294,22 @@ def table(results, tasks):
     return "\n".join(lines)
 
 
+class _Stub:
+    def __init__(self, name, batch_size, corpus_size):
+        self.name, self.batch_size, self.corpus_size = name, batch_size, corpus_size
+
+
+def replot(out_dir):
+    with open(os.path.join(out_dir, "results.json")) as f:
+        results = json.load(f)["results"]
+    tasks = []
+    for name in dict.fromkeys(r["dataset"] for r in results):
+        rows = [r for r in results if r["dataset"] == name]
+        tasks.append(_Stub(name, rows[0]["batch_size"], max(r["cache_size"] for r in rows)))
+    plot(results, tasks, out_dir)
+    print(table(results, tasks))
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a 1-minute smoke run")
@@ -305,7 +321,11 @@ def main(argv=None):
     parser.add_argument("--num-candidates", type=int, default=2**14)
     parser.add_argument("--no-warm-start", dest="warm_start", action="store_false")
     parser.add_argument("--out", default="results/refresh_study")
+    parser.add_argument("--replot", action="store_true",
+                        help="only redraw the plots and table from OUT/results.json")
     args = parser.parse_args(argv)
+    if args.replot:
+        return replot(args.out)
     quick = args.quick
     if args.epochs is None:
         args.epochs = 1 if quick else 3
