@@ -140,11 +140,14 @@ class CacheRetrieval(tfrs.tasks.Retrieval):
         Why logQ touches only the in-batch part: in-batch negatives are the other queries'
         positives, so candidate j appears as a negative with probability ~ Q_j (its
         popularity); `s - log Q_j` corrects that sampling bias of the in-batch softmax. The
-        cache part is not sampled in that sense: every cached candidate is scored (its log-
-        mass is exact) and the Gumbel draw is from the cache softmax itself, whose
-        importance weight is folded into `P_i`, so subtracting `log Q` there would double
-        count. The cache's column of the logits is therefore the same with or without
-        `candidate_sampling_probability` (tested).
+        cache part is not a popularity sample of negatives: its log-mass `M_i` sums over
+        every cached candidate exactly, and the Gumbel draw is only a Monte-Carlo estimate
+        of the gradient of that exact sum, drawn from the cache softmax itself (so no
+        reweighting is due; subtracting `log Q` there would change the softmax being
+        estimated). The cache's column of the logits is therefore the same with or without
+        `candidate_sampling_probability` (tested). (Which candidates a FIFO cache *holds* is
+        popularity-biased when it is smaller than the corpus; see below. logQ on the cached
+        logits would not correct that either.)
 
         What the cached softmax estimates when the cache holds a subset of a larger corpus:
         the softmax over [positive, in-batch, the cached subset]. Its loss and gradient are
