@@ -218,3 +218,23 @@ def test_callback_reencodes_every_filled_slot_and_leaves_empty_ones():
     assert_encoded(cache, model.candidate_tower, np.arange(filled))
     np.testing.assert_array_equal(cache.embeddings.numpy()[filled:], 0.0)
     np.testing.assert_array_equal(cache.ids.numpy()[filled:], 0)
+
+
+def test_top_m_cache_logit_is_the_log_mass_of_the_top_m_only():
+    cache, tower = filled_cache(size=64, num=60), encoder()
+    rng = np.random.default_rng(6)
+    queries = tf.constant(rng.normal(size=(8, DIM)), tf.float32)
+    feats = items(np.arange(100, 108))
+    columns = {}
+    for m in (None, 64, 3):
+        recorder = Recorder()
+        task = tfnegcache.CacheRetrieval(loss=recorder, cache=cache, candidate_model=tower,
+                                         top_m=m)
+        task(queries, tower(feats), candidate_ids=feats["item_id"], candidate_features=feats,
+             training=False)
+        columns[m] = recorder.logits.numpy()[:, -1]
+    np.testing.assert_allclose(columns[64], columns[None], rtol=1e-5)
+    scores = queries.numpy() @ cache.embeddings.numpy()[:60].T
+    top3 = np.sort(scores, axis=1)[:, -3:]
+    np.testing.assert_allclose(columns[3], np.log(np.exp(top3).sum(1)), rtol=1e-5)
+    assert np.all(columns[3] < columns[None])
