@@ -19,6 +19,7 @@ ensure_legacy_keras()
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from tfnegcache.cache import NegativeCache
 from tfnegcache.model import CachedRetrievalModel
+from tfnegcache.refresh import CacheRefreshCallback, warm_start
 from tfnegcache.retrieval import CacheRetrieval, CacheUpdate
 from tfnegcache.sampling import CacheDraw, gumbel_max_sample, sample_cache
 
@@ -26,10 +27,12 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CacheDraw",
+    "CacheRefreshCallback",
     "CacheRetrieval",
     "CacheUpdate",
     "CachedRetrievalModel",
     "NegativeCache",
     "gumbel_max_sample",
     "sample_cache",
+    "warm_start",
 ]

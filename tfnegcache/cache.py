@@ -4,6 +4,7 @@ from typing import Dict, Mapping, Optional, Tuple
 
 import tensorflow as tf
 
+from tfnegcache import refresh as refresh_lib
 from tfnegcache import sampling
 
 FeatureSpec = Mapping[str, tf.TensorSpec]
@@ -401,13 +402,16 @@ class NegativeCache(tf.keras.layers.Layer):
         self.cursor.assign((self.cursor + num_new) % self.size)
         self.num_filled.assign(tf.minimum(self.num_filled + num_new, self.size))
 
-    def update(self, insert: Optional[Tuple] = None, write_back: Optional[Tuple] = None) -> None:
+    def update(self, insert: Optional[Tuple] = None, write_back: Optional[Tuple] = None,
+               refresh: Optional[Tuple] = None) -> None:
         """One training step's cache update; then advances `step`.
 
         Args:
           insert: `(features, embeddings, ids)` to `insert`, or None.
           write_back: `(slots, embeddings, valid)` for `write_embeddings`, or None. Written
             before the insert, so an insert that evicts a written slot wins.
+          refresh: `(num_slots, encoder)` for `refresh_random`, or None: after the insert,
+            `num_slots` filled slots chosen at random from (seed, step) are re-encoded.
         """
         checks = []
         if write_back is not None:
@@ -420,8 +424,68 @@ class NegativeCache(tf.keras.layers.Layer):
                 self.write_embeddings(*write_back)
             if insert is not None:
                 self.insert(*insert)
+            if refresh is not None and int(refresh[0]) > 0:
+                self.refresh_random(*refresh)
             self.step.assign_add(1)
         self._draws_this_step = 0
+
+    # ------------------------------------------------------------------ refresh policies
+    # (issue 7; the policies themselves live in `tfnegcache/refresh.py`)
+
+    def refresh(self, slots: tf.Tensor, encoder) -> None:
+        """Re-encodes `slots` from their cached features with `encoder` (no gradient) and
+        writes the embeddings; empty slots are skipped, nothing else changes."""
+        refresh_lib.refresh_slots(self, slots, encoder)
+
+    def refresh_random(self, num_slots: int, encoder) -> tf.Tensor:
+        """Refreshes `num_slots` distinct filled slots drawn uniformly at random, stateless
+        from (seed, step) (`refresh.choose_refresh_slots`); returns the slots chosen."""
+        slots = refresh_lib.choose_refresh_slots(self, num_slots)
+        self.refresh(slots, encoder)
+        return slots
+
+    def refresh_all(self, encoder, batch_size: int = 1024) -> int:
+        """Re-encodes every filled slot, `batch_size` per encoder call; returns the count."""
+        return refresh_lib.refresh_all(self, encoder, batch_size)
+
+    def warm_start(self, dataset: tf.data.Dataset, candidate_model, id_key: str = "id",
+                   batch_size: int = 1024, batched: bool = False) -> int:
+        """Fills the cache from a candidate dataset through `insert` (dataset order, id
+        dedupe, FIFO); see `refresh.warm_start`. Returns the number of rows read."""
+        return refresh_lib.warm_start(self, dataset, candidate_model, id_key=id_key,
+                                      batch_size=batch_size, batched=batched)
+
+    def sample_top_m(
+        self,
+        queries: tf.Tensor,
+        top_m: int,
+        num_samples: int = 1,
+        temperature: Optional[float] = None,
+        masked_ids: Optional[tf.Tensor] = None,
+        excluded_ids: Optional[tf.Tensor] = None,
+        draw: bool = True,
+    ) -> sampling.CacheDraw:
+        """`sample`, restricted to each query's `top_m` highest masked cached scores.
+
+        Draws follow the softmax restricted to those m slots, and `log_mass` is the
+        `logsumexp` over them only (see `CacheRetrieval(top_m=...)` for what that means for
+        the loss). Same arguments and seed stream as `sample`.
+        """
+        if num_samples < 1:
+            raise ValueError(
+                f"`num_samples` must be >= 1 negatives per query. Received: {num_samples}.")
+        masked = self.lookup(masked_ids) if masked_ids is not None else None
+        excluded = self.lookup(excluded_ids) if excluded_ids is not None else None
+        seed = None
+        if draw:
+            seed = tf.random.experimental.stateless_fold_in(
+                tf.constant([self.seed, 0x6E6567], tf.int64), self.step)
+            seed = tf.random.experimental.stateless_fold_in(seed, self._draws_this_step)
+            self._draws_this_step += 1
+        inv_temperature = 1.0 / temperature if temperature is not None else 1.0
+        return sampling.sample_cache_top_m(
+            queries, self.embeddings, self.slot_bias(masked), inv_temperature, num_samples,
+            seed, top_m, excluded_slots=excluded)
 
     def get_config(self):
         config = super().get_config()

@@ -21,7 +21,8 @@ class CachedRetrievalModel(tfrs.Model):
        write is finite: a step whose embeddings hold NaN or Inf fails with
        `tf.errors.InvalidArgumentError` before any weight or cache slot changes;
     3. applies each task's cache update (write-back of the re-encoded negatives, FIFO insert
-       of the batch's candidates) and advances the cache's step.
+       of the batch's candidates, then the task's `refresh_per_step` random refresh with the
+       new weights) and advances the cache's step.
 
     `test_step` (so `evaluate`) and `predict` never draw or change the cache. Besides TFRS's
     `loss`, `regularization_loss` and `total_loss`, training logs carry `cache_staleness`
@@ -74,7 +75,8 @@ class CachedRetrievalModel(tfrs.Model):
         with tf.control_dependencies([applied] if applied is not None else checks):
             for cache, update in updates:
                 if update is not None:
-                    cache.update(insert=update.insert, write_back=update.write_back)
+                    cache.update(insert=update.insert, write_back=update.write_back,
+                                 refresh=update.refresh)
 
         metrics = {metric.name: metric.result() for metric in self.metrics}
         metrics["loss"] = loss

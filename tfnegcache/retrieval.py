@@ -1,6 +1,7 @@
 """`CacheRetrieval`: `tfrs.tasks.Retrieval` with negatives sampled from a negative cache."""
 
 import dataclasses
+import functools
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Text, Union
 
 import tensorflow as tf
@@ -21,10 +22,12 @@ class CacheUpdate:
       insert: `(features, embeddings, ids)` of the batch's candidates (the streaming FIFO).
       write_back: `(slots [B*k], fresh embeddings [B*k, d], valid [B*k])` of the re-encoded
         negatives.
+      refresh: `(R, candidate_model)`: re-encode R random filled slots (`refresh_per_step`).
     """
 
     insert: tuple
     write_back: Optional[tuple]
+    refresh: Optional[tuple] = None  # (num_slots, encoder): random refresh after the insert
 
     def embeddings(self) -> List[tf.Tensor]:
         """Every embedding this update would write (each must be finite)."""
@@ -96,6 +99,9 @@ class CacheRetrieval(tfrs.tasks.Retrieval):
         num_negatives: int = 1,
         use_in_batch_negatives: bool = True,
         id_based_metrics: bool = True,
+        top_m: Optional[int] = None,
+        refresh_per_step: int = 0,
+        write_back: bool = True,
     ) -> None:
         """Initializes the task.
 
@@ -118,6 +124,39 @@ class CacheRetrieval(tfrs.tasks.Retrieval):
           id_based_metrics: pass `candidate_ids` to the factorized metrics, as TFRS does when
             ids are given (their index must then be built with identifiers). Set False when
             the metrics' index has no identifiers: evaluation is then score-based.
+          top_m: restrict each query's cache softmax to its `top_m` highest cached scores
+            (the reference code's option; None, the default, uses the whole cache). Negatives
+            are drawn from the softmax restricted to those m slots, and the cache logit's
+            value is their log-mass only, so the loss is the cross entropy over [positive,
+            in-batch, top-m cached] (a lower bound on the whole-cache loss) and its gradient
+            is biased toward the hardest negatives relative to the full softmax's. Chunked
+            (`sampling.top_m_scores`): no `[B, N]` matrix.
+          refresh_per_step: R, slots re-encoded per training step besides the write-back:
+            after the optimizer step (new weights), R distinct filled slots drawn uniformly
+            from (cache seed, step), without gradients. Refresh rate R / N. 0 disables it.
+          write_back: write the re-encoded negatives' fresh embeddings back into the cache
+            (the default refresh policy). False leaves sampled slots stale.
+
+        Why logQ touches only the in-batch part: in-batch negatives are the other queries'
+        positives, so candidate j appears as a negative with probability ~ Q_j (its
+        popularity); `s - log Q_j` corrects that sampling bias of the in-batch softmax. The
+        cache part is not a popularity sample of negatives: its log-mass `M_i` sums over
+        every cached candidate exactly, and the Gumbel draw is only a Monte-Carlo estimate
+        of the gradient of that exact sum, drawn from the cache softmax itself (so no
+        reweighting is due; subtracting `log Q` there would change the softmax being
+        estimated). The cache's column of the logits is therefore the same with or without
+        `candidate_sampling_probability` (tested). (Which candidates a FIFO cache *holds* is
+        popularity-biased when it is smaller than the corpus; see below. logQ on the cached
+        logits would not correct that either.)
+
+        What the cached softmax estimates when the cache holds a subset of a larger corpus:
+        the softmax over [positive, in-batch, the cached subset]. Its loss and gradient are
+        those of a *partial* softmax, a biased estimate of the full-corpus one (it misses the
+        uncached candidates' mass, so the loss is a lower bound). With the streaming FIFO the
+        subset is the most recent distinct positives, i.e. popularity-weighted: popular
+        candidates are almost always cached, rare ones rarely, so the cache mostly supplies
+        popular hard negatives. Warm-starting with the whole corpus (size >= corpus) makes
+        it the full softmax up to staleness.
         """
         super().__init__(
             loss=loss, metrics=metrics, batch_metrics=batch_metrics, loss_metrics=loss_metrics,
@@ -143,6 +182,14 @@ class CacheRetrieval(tfrs.tasks.Retrieval):
         self.id_based_metrics = bool(id_based_metrics)
         self.in_train_step = False
         self._pending_update: Optional[CacheUpdate] = None
+        if top_m is not None and (isinstance(top_m, bool) or int(top_m) < 1):
+            raise ValueError(f"`top_m` must be None or an integer >= 1. Received: {top_m!r}.")
+        if isinstance(refresh_per_step, bool) or int(refresh_per_step) < 0:
+            raise ValueError(
+                f"`refresh_per_step` must be an integer >= 0. Received: {refresh_per_step!r}.")
+        self.top_m = None if top_m is None else int(top_m)
+        self.refresh_per_step = int(refresh_per_step)
+        self.write_back = bool(write_back)
         if cache is not None:
             self.staleness = tf.keras.metrics.Mean(name="cache_staleness")
 
@@ -197,7 +244,10 @@ class CacheRetrieval(tfrs.tasks.Retrieval):
         cache, k = self.cache, self.num_negatives
         num_queries = tf.shape(query_embeddings)[0]
         positives = candidate_ids[:num_queries]
-        draw = cache.sample(
+        sample = cache.sample
+        if getattr(self, "top_m", None):
+            sample = functools.partial(cache.sample_top_m, top_m=self.top_m)
+        draw = sample(
             query_embeddings, num_samples=k, temperature=self._temperature,
             masked_ids=candidate_ids if self.use_in_batch_negatives else None,
             excluded_ids=None if self.use_in_batch_negatives else positives,
@@ -285,9 +335,12 @@ class CacheRetrieval(tfrs.tasks.Retrieval):
         all_labels = tf.concat([labels, tf.zeros_like(labels[:, :1])], axis=1)
         loss = self._loss(y_true=all_labels, y_pred=all_scores, sample_weight=sample_weight)
         if training:
+            refresh = None
+            if self.refresh_per_step > 0:
+                refresh = (self.refresh_per_step, self.candidate_model)
             self._pending_update = CacheUpdate(
                 insert=(features, tf.stop_gradient(candidate_embeddings), candidate_ids),
-                write_back=write_back)
+                write_back=write_back if self.write_back else None, refresh=refresh)
 
         update_ops = [metric.update_state(loss) for metric in self._loss_metrics]
         if compute_metrics:

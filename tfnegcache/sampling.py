@@ -245,3 +245,97 @@ def sample_cache(
     slots = tf.gather(positions, within, batch_dims=2)
     slots = tf.minimum(slots, plan.num_slots - 1)
     return CacheDraw(log_mass=log_mass, slots=slots, perturbed=perturbed)
+
+
+# ------------------------------------------------------------------ top-m restriction (issue 7)
+
+
+def top_m_scores(queries, embeddings, slot_bias, excluded_slots, inv_temperature, m: int,
+                 chunk_size: Optional[int] = None, tile_elements: int = DEFAULT_TILE_ELEMENTS):
+    """Each query's `m` highest masked cached scores, chunked: no `[B, N]` matrix.
+
+    The cache is scored one `[B, chunk]` tile at a time; each tile keeps its own top
+    `min(m, chunk)` (`tf.math.top_k`), and the per-chunk winners, `[B, num_chunks * m]`, are
+    merged by a last `top_k`. Exact: the global top m of a query lies within the union of
+    every chunk's top m.
+
+    Args:
+      queries, embeddings, slot_bias, excluded_slots, inv_temperature: as in `sample_cache`.
+      m: how many slots to keep per query (capped at N).
+      chunk_size: slots per tile; default from `tile_elements` (at least m).
+      tile_elements: the largest `B * chunk` tile to hold at once.
+
+    Returns:
+      `(scores [B, m], slots [B, m] int32)`, best first. Where fewer than m slots are
+      eligible the rest score `-inf` (their slots are arbitrary).
+    """
+    queries = tf.stop_gradient(queries)
+    embeddings = tf.convert_to_tensor(embeddings)
+    num_slots = int(embeddings.shape[0])
+    m = int(min(max(1, m), num_slots))
+    if chunk_size is None:
+        rows = queries.shape[0] or 512
+        chunk_size = max(m, tile_elements // rows)
+    chunk_size = int(min(max(chunk_size, 1), num_slots))
+    per_chunk = min(m, chunk_size)
+    num_chunks = -(-num_slots // chunk_size)
+    if excluded_slots is not None:
+        excluded_slots = tf.cast(excluded_slots, tf.int32)
+
+    def one_chunk(chunk_index):
+        positions = chunk_index * chunk_size + tf.range(chunk_size)
+        scores = _masked_scores(queries, embeddings, positions, slot_bias, excluded_slots,
+                                inv_temperature, num_slots)
+        top = tf.math.top_k(scores, k=per_chunk, sorted=False)
+        return top.values, tf.gather(positions, top.indices)
+
+    if num_chunks == 1:
+        values, slots = one_chunk(0)
+    else:
+        values, slots = tf.map_fn(
+            one_chunk, tf.range(num_chunks),
+            fn_output_signature=(tf.TensorSpec([None, per_chunk], queries.dtype),
+                                 tf.TensorSpec([None, per_chunk], tf.int32)),
+            parallel_iterations=1)
+        num_rows = tf.shape(queries)[0]
+        values = tf.reshape(tf.transpose(values, [1, 0, 2]), [num_rows, -1])
+        slots = tf.reshape(tf.transpose(slots, [1, 0, 2]), [num_rows, -1])
+    top = tf.math.top_k(values, k=m, sorted=True)
+    slots = tf.minimum(tf.gather(slots, top.indices, batch_dims=1), num_slots - 1)
+    return top.values, slots
+
+
+def sample_cache_top_m(
+    queries: tf.Tensor,
+    embeddings: tf.Tensor,
+    slot_bias: tf.Tensor,
+    inv_temperature: float,
+    num_samples: int,
+    seed: Optional[tf.Tensor],
+    m: int,
+    excluded_slots: Optional[tf.Tensor] = None,
+    chunk_size: Optional[int] = None,
+) -> CacheDraw:
+    """`sample_cache` restricted to each query's top `m` cached scores (the reference code's
+    option).
+
+    Draws are Gumbel-Max over the m kept scores, so they follow the softmax restricted to
+    them and never leave them; `log_mass` is the `logsumexp` of those m scores only (a lower
+    bound on the whole cache's log-mass). This biases the gradient toward the hardest
+    negatives: it is the exact (up to staleness) gradient of the cross entropy over
+    [positive, in-batch, top-m cached], not of the one over the whole cache.
+
+    Returns:
+      A `CacheDraw` (`slots` `[B, k]` cache slots; None without `seed`).
+    """
+    scores, top_slots = top_m_scores(queries, embeddings, slot_bias, excluded_slots,
+                                     inv_temperature, m, chunk_size)
+    log_mass = tf.reduce_logsumexp(scores, axis=-1)
+    if seed is None:
+        return CacheDraw(log_mass=log_mass)
+    num_rows = tf.shape(scores)[0]
+    noise = gumbel_noise([num_rows, num_samples, tf.shape(scores)[1]], seed, scores.dtype)
+    perturbed = scores[:, None, :] + noise
+    within = tf.argmax(perturbed, axis=-1, output_type=tf.int32)
+    slots = tf.gather(top_slots, within, batch_dims=1)
+    return CacheDraw(log_mass=log_mass, slots=slots, perturbed=tf.reduce_max(perturbed, -1))

@@ -1,0 +1,240 @@
+"""Issue 7 knobs: refresh policies, warm start, top-m sampling, logQ on in-batch logits only."""
+
+import numpy as np
+import pytest
+import scipy.stats
+import tensorflow as tf
+
+import tfnegcache
+from tfnegcache import refresh, sampling
+import toy
+
+DIM = 16
+
+
+def items(ids):
+    table = toy.item_table()
+    ids = np.asarray(ids, np.int64)
+    return {"item_id": tf.constant(ids), "tokens": tf.constant(table["tokens"][ids])}
+
+
+def filled_cache(size=32, num=20, seed=0):
+    cache = tfnegcache.NegativeCache(size, toy.FEATURE_SPEC, DIM, seed=seed)
+    feats = items(np.arange(num))
+    rng = np.random.default_rng(seed)
+    cache.insert(feats, tf.constant(rng.normal(size=(num, DIM)), tf.float32), feats["item_id"])
+    return cache
+
+
+def state(cache):
+    return {v.name: v.numpy() for v in cache.weights}
+
+
+def encoder():
+    tf.keras.utils.set_random_seed(3)
+    tower = toy.CandidateTower(DIM)
+    tower(items([0]))
+    return tower
+
+
+def assert_encoded(cache, tower, slots):
+    slots = np.asarray(slots)
+    features = {k: tf.gather(v, slots) for k, v in cache.features.items()}
+    np.testing.assert_allclose(tf.gather(cache.embeddings, slots).numpy(),
+                               tower(features).numpy(), rtol=1e-5, atol=1e-6)
+
+
+def assert_only_changed(before, after, changed_slots, ignore=()):
+    for name, old in before.items():
+        if any(name.endswith(f"/{key}:0") for key in ignore):
+            continue
+        new = after[name]
+        if name.endswith("embeddings:0") or name.endswith("updated_at:0"):
+            keep = np.setdiff1d(np.arange(len(old)), changed_slots)
+            np.testing.assert_array_equal(old[keep], new[keep], err_msg=name)
+        else:
+            np.testing.assert_array_equal(old, new, err_msg=name)
+
+
+def test_refresh_writes_exactly_the_given_filled_slots():
+    cache, tower = filled_cache(), encoder()
+    before = state(cache)
+    cache.refresh(tf.constant([3, 7, 25]), tower)   # slot 25 is empty: skipped
+    after = state(cache)
+    assert_encoded(cache, tower, [3, 7])
+    assert_only_changed(before, after, [3, 7])
+    np.testing.assert_array_equal(after["negative_cache/embeddings:0"][20:], 0.0)
+
+
+def test_random_refresh_is_uniform_distinct_stateless_and_writes_only_its_choice():
+    cache, tower = filled_cache(), encoder()
+    seed = refresh.refresh_seed(cache.seed, 0)
+    chosen = refresh.choose_refresh_slots(cache, 6, seed).numpy()
+    assert len(set(chosen)) == 6 and chosen.max() < 20
+    np.testing.assert_array_equal(chosen, refresh.choose_refresh_slots(cache, 6, seed).numpy())
+    other = refresh.choose_refresh_slots(cache, 6, refresh.refresh_seed(cache.seed, 1)).numpy()
+    assert set(other) != set(chosen)
+    # More than filled: every filled slot once.
+    assert sorted(refresh.choose_refresh_slots(cache, 31).numpy()) == list(range(20))
+    # Uniform over filled slots: counts over many steps.
+    counts = np.zeros(32)
+    for step in range(300):
+        counts[refresh.choose_refresh_slots(
+            cache, 2, refresh.refresh_seed(0, step)).numpy()] += 1
+    assert counts[20:].sum() == 0
+    assert scipy.stats.chisquare(counts[:20]).pvalue > 1e-3
+
+    # Through update(): after the insert, before the step advances, with the step's seed.
+    before = state(cache)
+    cache.update(refresh=(6, tower))
+    assert int(cache.step.numpy()) == 1
+    assert_encoded(cache, tower, chosen)
+    assert_only_changed(before, state(cache), chosen, ignore=("step",))
+
+
+def test_refresh_per_step_uses_the_weights_after_the_optimizer_step():
+    model = toy.ToyModel(cache_size=toy.NUM_ITEMS, refresh_per_step=40, write_back=False)
+    cache = model.task.cache
+    cache.warm_start(tf.data.Dataset.from_tensor_slices(toy.item_table()),
+                     model.candidate_tower, id_key="item_id")
+    model.compile(tf.keras.optimizers.Adam(0.05))
+    data = toy.interactions(64, seed=5)
+    before = state(cache)
+    chosen = refresh.choose_refresh_slots(cache, 40, refresh.refresh_seed(cache.seed, 0)).numpy()
+    model.fit(toy.dataset(data, 64), epochs=1, verbose=0)
+    batch_slots = cache.lookup(tf.constant(data["item_id"])).numpy()
+    assert_encoded(cache, model.candidate_tower, chosen)   # post-step weights
+    untouched = np.setdiff1d(np.arange(toy.NUM_ITEMS), np.concatenate([chosen, batch_slots]))
+    np.testing.assert_array_equal(before["negative_cache/embeddings:0"][untouched],
+                                  cache.embeddings.numpy()[untouched])
+
+
+def test_warm_start_fills_in_dataset_order_with_dedupe_and_fifo():
+    tower = encoder()
+    cache = tfnegcache.NegativeCache(16, toy.FEATURE_SPEC, DIM)
+    ids = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 3, 4, 10]
+    rows = cache.warm_start(tf.data.Dataset.from_tensor_slices(items(ids)), tower,
+                            id_key="item_id", batch_size=4)
+    assert rows == len(ids)
+    assert int(cache.num_filled.numpy()) == 11 and int(cache.step.numpy()) == 0
+    np.testing.assert_array_equal(cache.ids.numpy()[:11], np.arange(11))
+    assert_encoded(cache, tower, np.arange(11))
+    # Larger than the cache: FIFO keeps the last `size` distinct candidates.
+    small = tfnegcache.NegativeCache(8, toy.FEATURE_SPEC, DIM)
+    tfnegcache.warm_start(small, tf.data.Dataset.from_tensor_slices(items(np.arange(12))),
+                          tower, id_key="item_id", batch_size=5)
+    assert sorted(small.ids.numpy()) == list(range(4, 12))
+    np.testing.assert_array_equal(small.lookup(tf.constant([0, 4, 11], tf.int64)).numpy()[0], -1)
+
+
+@pytest.mark.parametrize("chunk_size", [7, 16, 50])
+def test_top_m_scores_match_a_full_sort(chunk_size):
+    rng = np.random.default_rng(0)
+    queries = tf.constant(rng.normal(size=(5, 4)), tf.float32)
+    embeddings = tf.constant(rng.normal(size=(50, 4)), tf.float32)
+    bias = np.zeros(50, np.float32)
+    bias[[1, 2, 40]] = -np.inf
+    excluded = tf.constant([0, 5, -1, 49, 3], tf.int32)
+    values, slots = sampling.top_m_scores(queries, embeddings, tf.constant(bias), excluded,
+                                          0.5, 6, chunk_size=chunk_size)
+    full = queries.numpy() @ embeddings.numpy().T * 0.5 + bias
+    full[np.arange(5), np.maximum(excluded.numpy(), 0)] = np.where(
+        excluded.numpy() >= 0, -np.inf, full[np.arange(5), np.maximum(excluded.numpy(), 0)])
+    expected = np.sort(full, axis=1)[:, ::-1][:, :6]
+    np.testing.assert_allclose(values.numpy(), expected, rtol=1e-5)
+    np.testing.assert_allclose(np.take_along_axis(full, slots.numpy(), 1), expected, rtol=1e-5)
+
+
+def test_top_m_draws_stay_in_the_top_m_and_follow_the_restricted_softmax():
+    rng = np.random.default_rng(1)
+    queries = tf.constant(rng.normal(size=(1, 4)), tf.float32)
+    embeddings = tf.constant(rng.normal(size=(64, 4)), tf.float32)
+    m, n = 8, 20000
+    draw = sampling.sample_cache_top_m(queries, embeddings, tf.zeros([64]), 1.0, n,
+                                       tf.constant([7, 11], tf.int64), m, chunk_size=16)
+    scores = (queries.numpy() @ embeddings.numpy().T)[0]
+    top = np.argsort(-scores)[:m]
+    slots = draw.slots.numpy()[0]
+    assert set(slots) <= set(top)
+    np.testing.assert_allclose(draw.log_mass.numpy()[0],
+                               np.log(np.exp(scores[top]).sum()), rtol=1e-5)
+    probs = np.exp(scores[top].astype(np.float64) - scores[top].max())
+    probs /= probs.sum()
+    counts = np.array([(slots == s).sum() for s in top])
+    assert scipy.stats.chisquare(counts, probs * n).pvalue > 1e-3
+
+
+def test_top_m_task_trains():
+    model = toy.ToyModel(cache_size=256, top_m=10, refresh_per_step=4)
+    model.compile(tf.keras.optimizers.Adam(0.05))
+    history = model.fit(toy.dataset(toy.interactions(1024, seed=3), 128), epochs=2, verbose=0)
+    assert np.all(np.isfinite(history.history["loss"]))
+    assert history.history["cache_fill"][-1] > 0.5
+
+
+class Recorder(tf.keras.losses.Loss):
+    """Softmax cross entropy that keeps the last logits it saw."""
+
+    def __init__(self):
+        super().__init__(reduction=tf.keras.losses.Reduction.SUM)
+        self.logits = None
+
+    def call(self, y_true, y_pred):
+        self.logits = y_pred
+        return tf.nn.softmax_cross_entropy_with_logits(y_true, y_pred)
+
+
+def test_logq_changes_only_the_in_batch_logits():
+    cache, tower = filled_cache(size=64, num=60), encoder()
+    recorder = Recorder()
+    task = tfnegcache.CacheRetrieval(loss=recorder, cache=cache, candidate_model=tower)
+    rng = np.random.default_rng(2)
+    queries = tf.constant(rng.normal(size=(8, DIM)), tf.float32)
+    feats = items(np.arange(100, 108))
+    candidates = tower(feats)
+    prob = tf.constant(rng.uniform(0.01, 0.5, size=8), tf.float32)
+    results = []
+    for logq in (None, prob):
+        task(queries, candidates, candidate_sampling_probability=logq,
+             candidate_ids=feats["item_id"], candidate_features=feats, training=False)
+        results.append(recorder.logits.numpy())
+    plain, corrected = results
+    np.testing.assert_array_equal(plain[:, -1], corrected[:, -1])   # the cache's column
+    np.testing.assert_allclose(corrected[:, :-1], plain[:, :-1] - np.log(prob.numpy())[None],
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_callback_reencodes_every_filled_slot_and_leaves_empty_ones():
+    model = toy.ToyModel(cache_size=512)
+    model.compile(tf.keras.optimizers.Adam(0.05))
+    callback = tfnegcache.CacheRefreshCallback(every_n_steps=3, at_epoch_end=True,
+                                               batch_size=100)
+    model.fit(toy.dataset(toy.interactions(2560, seed=4), 128), epochs=1, verbose=0,
+              callbacks=[callback])
+    cache = model.task.cache
+    filled = int(cache.num_filled.numpy())
+    assert 0 < filled < 512
+    assert callback.refreshes == 20 // 3 + 1
+    assert_encoded(cache, model.candidate_tower, np.arange(filled))
+    np.testing.assert_array_equal(cache.embeddings.numpy()[filled:], 0.0)
+    np.testing.assert_array_equal(cache.ids.numpy()[filled:], 0)
+
+
+def test_top_m_cache_logit_is_the_log_mass_of_the_top_m_only():
+    cache, tower = filled_cache(size=64, num=60), encoder()
+    rng = np.random.default_rng(6)
+    queries = tf.constant(rng.normal(size=(8, DIM)), tf.float32)
+    feats = items(np.arange(100, 108))
+    columns = {}
+    for m in (None, 64, 3):
+        recorder = Recorder()
+        task = tfnegcache.CacheRetrieval(loss=recorder, cache=cache, candidate_model=tower,
+                                         top_m=m)
+        task(queries, tower(feats), candidate_ids=feats["item_id"], candidate_features=feats,
+             training=False)
+        columns[m] = recorder.logits.numpy()[:, -1]
+    np.testing.assert_allclose(columns[64], columns[None], rtol=1e-5)
+    scores = queries.numpy() @ cache.embeddings.numpy()[:60].T
+    top3 = np.sort(scores, axis=1)[:, -3:]
+    np.testing.assert_allclose(columns[3], np.log(np.exp(top3).sum(1)), rtol=1e-5)
+    assert np.all(columns[3] < columns[None])
