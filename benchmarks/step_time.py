@@ -87,7 +87,7 @@ def _child(mode, num_slots, batch, dim, repeats, embedding_dtype):
         cache = model.task.cache
         fill = tf.function(lambda t, i: cache.insert(
             {"candidate_tokens": t}, model.candidate_tower(t), i))
-        chunk = min(num_slots, 2**16)
+        chunk = min(num_slots, 2**12)  # small: the fill's tower pass must not set the peak
         for start in range(0, num_slots, chunk):
             fill(tf.constant(corpus.candidate_tokens[start:start + chunk]),
                  tf.constant(corpus.candidate_ids[start:start + chunk]))
