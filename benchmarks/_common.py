@@ -10,8 +10,9 @@ import time
 import numpy as np
 import tensorflow as tf
 
-RESULTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                       "results", "benchmarks")
+# Where results go; TFNEGCACHE_BENCHMARK_DIR overrides it (the smoke tests use a temp dir).
+RESULTS = os.environ.get("TFNEGCACHE_BENCHMARK_DIR") or os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "results", "benchmarks")
 
 
 def machine():
@@ -76,8 +77,9 @@ class TokenBagTower(tf.keras.Model):
     update of a 2^16-row table costs more than the towers themselves.
     """
 
-    def __init__(self, dim=64, buckets=HASH_BUCKETS, hidden=128, name=None):
+    def __init__(self, dim=64, buckets=HASH_BUCKETS, hidden=128, normalize=False, name=None):
         super().__init__(name=name)
+        self.normalize = normalize
         self.buckets = buckets
         self.table = tf.keras.layers.Embedding(buckets, dim)
         self.hidden = tf.keras.layers.Dense(hidden, activation="relu")
@@ -86,21 +88,24 @@ class TokenBagTower(tf.keras.Model):
     def call(self, tokens):
         tokens = tf.math.floormod(tf.cast(tokens, tf.int32), self.buckets)
         bag = tf.reduce_mean(self.table(tokens), axis=1)
-        return self.out(self.hidden(bag)) + bag
+        out = self.out(self.hidden(bag)) + bag
+        return tf.math.l2_normalize(out, axis=-1) if self.normalize else out
 
 
 class TwoTower(tfnegcache.CachedRetrievalModel):
     """Query tower over query tokens, candidate tower over the candidate's tokens.
 
     `cache_size=None`: in-batch negatives only (`logq` adds the logQ correction).
+    `normalize`: unit-norm embeddings (use with a temperature).
     """
 
     def __init__(self, tokens_per_candidate, cache_size=None, dim=64, logq=False, seed=0,
-                 temperature=None, embedding_dtype=tf.float32, use_in_batch_negatives=True):
+                 temperature=None, embedding_dtype=tf.float32, use_in_batch_negatives=True,
+                 normalize=False):
         super().__init__()
         tf.keras.utils.set_random_seed(seed)
-        self.query_tower = TokenBagTower(dim, name="query_tower")
-        self.candidate_tower = TokenBagTower(dim, name="candidate_tower")
+        self.query_tower = TokenBagTower(dim, normalize=normalize, name="query_tower")
+        self.candidate_tower = TokenBagTower(dim, normalize=normalize, name="candidate_tower")
         self.logq = logq
         cache = None
         if cache_size:
