@@ -97,8 +97,8 @@ def main(argv=None):
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
     args = parser.parse_args(argv)
     if args.quick:
-        args.log2n, args.cache_size, args.seconds, args.num_test = 12, 2**10, 2.0, 200
-        args.max_steps = 40
+        args.log2n, args.cache_size, args.seconds, args.num_test = 12, 2**10, 1.0, 100
+        args.max_steps = 10
 
     corpus = synthetic.make_corpus(
         num_candidates=2**args.log2n, query_item_tokens=args.query_item_tokens,
