@@ -2,7 +2,8 @@
 
 Runs `python -m benchmarks.<name> --quick` from the repository root in subprocesses, with
 results redirected to a temporary directory. step_time spawns one process per configuration,
-so this is the slowest test module (~1 min on 2 cores; marked `slow`).
+so this is the slowest test module (~2 min on 2 shared cores, most of it step_time's
+four child processes importing TensorFlow; marked `slow`).
 """
 
 import json
