@@ -116,3 +116,36 @@ def test_plan_sampler_balances_stages_and_bounds_tiles(num_slots, dim, expected_
 def test_plan_sampler_rejects_empty_cache():
     with pytest.raises(ValueError, match="num_slots"):
         sampling.plan_sampler(0, 4, 2)
+
+
+@pytest.mark.parametrize("num_slots", [2**14, 3 * 4096 + 100])
+def test_default_plan_with_several_chunks_matches_dense_reference(num_slots):
+    # The plan of a training step (B=256) with the default tile size: several chunks, evenly
+    # cut (2^14, sliced chunks) or with a ragged, padded last chunk.
+    dim, rng = 4, np.random.default_rng(3)
+    plan = sampling.plan_sampler(num_slots, dim, 256)
+    assert plan.num_chunks >= 3
+    queries = (3.0 * rng.normal(size=(4, dim))).astype(np.float32)  # peaked: few heavy slots
+    embeddings = rng.normal(size=(num_slots, dim)).astype(np.float32)
+    bias = np.zeros(num_slots, np.float32)
+    bias[rng.choice(num_slots, 500, replace=False)] = -np.inf
+    bias[-50:] = -np.inf
+    excluded = np.array([int(np.argmax(queries[0] @ embeddings.T)), -1, 7, num_slots - 60],
+                        np.int32)
+    draw = sampling.sample_cache(tf.constant(queries), tf.constant(embeddings),
+                                 tf.constant(bias), 0.5, 20000, tf.constant([2, 4]),
+                                 tf.constant(excluded), plan=plan)
+    reference = _reference_logits(queries, embeddings, bias, excluded, 0.5)
+    np.testing.assert_allclose(draw.log_mass.numpy(), scipy.special.logsumexp(reference, 1),
+                               rtol=1e-5, atol=1e-5)
+    slots = draw.slots.numpy()
+    for row in range(4):
+        probabilities = softmax(reference[row])
+        counts = np.bincount(slots[row], minlength=num_slots)
+        assert counts[probabilities == 0].sum() == 0
+        expected = probabilities * slots.shape[1]
+        small = expected < 5   # pool the tail so the chi-square approximation holds
+        observed = np.append(counts[~small], counts[small].sum())
+        expected = np.append(expected[~small], expected[small].sum())
+        keep = expected > 0
+        assert scipy.stats.chisquare(observed[keep], expected[keep]).pvalue > 1e-3

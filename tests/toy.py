@@ -62,16 +62,21 @@ class CandidateTower(tf.keras.Model):
 
 
 class ToyModel(tfnegcache.CachedRetrievalModel):
-    """The two-tower model of the tests; `cache_size=None` trains with in-batch negatives only."""
+    """The two-tower model of the tests; `cache_size=None` trains with in-batch negatives only.
 
-    def __init__(self, cache_size=None, dim=16, seed=0, num_negatives=1, **task_kwargs):
+    `embedding_dtype` is the cache's storage dtype of embeddings (`NegativeCache`).
+    """
+
+    def __init__(self, cache_size=None, dim=16, seed=0, num_negatives=1,
+                 embedding_dtype=tf.float32, **task_kwargs):
         super().__init__()
         tf.keras.utils.set_random_seed(seed)
         self.query_tower = tf.keras.layers.Embedding(NUM_USERS, dim)
         self.candidate_tower = CandidateTower(dim)
         cache = None
         if cache_size:
-            cache = tfnegcache.NegativeCache(cache_size, FEATURE_SPEC, dim, seed=seed)
+            cache = tfnegcache.NegativeCache(cache_size, FEATURE_SPEC, dim, seed=seed,
+                                             embedding_dtype=embedding_dtype)
         self.task = tfnegcache.CacheRetrieval(
             cache=cache, candidate_model=self.candidate_tower, num_negatives=num_negatives,
             **task_kwargs)

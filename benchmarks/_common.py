@@ -1,0 +1,129 @@
+"""Shared pieces of the benchmarks: output paths, timing, tables, the benchmark towers."""
+
+import tfnegcache  # noqa: F401  (first: selects Keras 2)
+
+import json
+import os
+import platform
+import time
+
+import numpy as np
+import tensorflow as tf
+
+# Where results go; TFNEGCACHE_BENCHMARK_DIR overrides it (the smoke tests use a temp dir).
+RESULTS = os.environ.get("TFNEGCACHE_BENCHMARK_DIR") or os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "results", "benchmarks")
+
+
+def machine():
+    return {"cpus": os.cpu_count(), "platform": platform.platform(),
+            "tensorflow": tf.__version__,
+            "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None}
+
+
+def write_json(name, payload):
+    os.makedirs(RESULTS, exist_ok=True)
+    path = os.path.join(RESULTS, f"{name}.json")
+    payload = dict(payload, machine=machine())
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(payload, f, indent=2, default=float)
+    return path
+
+
+def plot_path(name):
+    os.makedirs(RESULTS, exist_ok=True)
+    return os.path.join(RESULTS, f"{name}.png")
+
+
+def time_fn(fn, repeats, warmup=1):
+    """Median seconds of `fn()` over `repeats` calls after `warmup` calls (fn returns tensors)."""
+    for _ in range(warmup):
+        _block(fn())
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        _block(fn())
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def _block(result):
+    for t in tf.nest.flatten(result):
+        if hasattr(t, "numpy"):
+            t.numpy()
+
+
+def table(rows, columns):
+    """Formats a list of dicts as a fixed-width text table."""
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return "-" if v is None else str(v)
+    cells = [[fmt(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(x[i]) for x in cells)) if cells else len(c)
+              for i, c in enumerate(columns)]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(columns, widths))]
+    lines += ["  ".join(x.rjust(w) for x, w in zip(row, widths)) for row in cells]
+    return "\n".join(lines)
+
+
+HASH_BUCKETS = 2**14
+
+
+class TokenBagTower(tf.keras.Model):
+    """Mean of hashed token embeddings, then an MLP: `[M, T]` int tokens -> `[M, dim]`.
+
+    Tokens are hashed (`token % buckets`) into a moderate table: with tf-keras Adam a dense
+    update of a 2^16-row table costs more than the towers themselves.
+    """
+
+    def __init__(self, dim=64, buckets=HASH_BUCKETS, hidden=128, normalize=False, name=None):
+        super().__init__(name=name)
+        self.normalize = normalize
+        self.buckets = buckets
+        self.table = tf.keras.layers.Embedding(buckets, dim)
+        self.hidden = tf.keras.layers.Dense(hidden, activation="relu")
+        self.out = tf.keras.layers.Dense(dim)
+
+    def call(self, tokens):
+        tokens = tf.math.floormod(tf.cast(tokens, tf.int32), self.buckets)
+        bag = tf.reduce_mean(self.table(tokens), axis=1)
+        out = self.out(self.hidden(bag)) + bag
+        return tf.math.l2_normalize(out, axis=-1) if self.normalize else out
+
+
+class TwoTower(tfnegcache.CachedRetrievalModel):
+    """Query tower over query tokens, candidate tower over the candidate's tokens.
+
+    `cache_size=None`: in-batch negatives only (`logq` adds the logQ correction).
+    `normalize`: unit-norm embeddings (use with a temperature).
+    """
+
+    def __init__(self, tokens_per_candidate, cache_size=None, dim=64, logq=False, seed=0,
+                 temperature=None, embedding_dtype=tf.float32, use_in_batch_negatives=True,
+                 normalize=False):
+        super().__init__()
+        tf.keras.utils.set_random_seed(seed)
+        self.query_tower = TokenBagTower(dim, normalize=normalize, name="query_tower")
+        self.candidate_tower = TokenBagTower(dim, normalize=normalize, name="candidate_tower")
+        self.logq = logq
+        cache = None
+        if cache_size:
+            spec = {"candidate_tokens": tf.TensorSpec([tokens_per_candidate], tf.int32)}
+            cache = tfnegcache.NegativeCache(cache_size, spec, dim, seed=seed,
+                                             embedding_dtype=embedding_dtype)
+        self.task = tfnegcache.CacheRetrieval(
+            cache=cache, temperature=temperature,
+            candidate_model=lambda f: self.candidate_tower(f["candidate_tokens"]),
+            use_in_batch_negatives=use_in_batch_negatives)
+
+    def compute_loss(self, features, training=False):
+        queries = self.query_tower(features["query_tokens"])
+        candidates = self.candidate_tower(features["candidate_tokens"])
+        kwargs = {}
+        if self.logq:
+            kwargs["candidate_sampling_probability"] = features["sampling_probability"]
+        if self.task.cache is not None:
+            kwargs.update(candidate_ids=features["candidate_id"],
+                          candidate_features={"candidate_tokens": features["candidate_tokens"]})
+        return self.task(queries, candidates, compute_metrics=False, **kwargs)

@@ -1,0 +1,156 @@
+"""Retrieval quality at equal wall-clock training time: cache vs in-batch vs in-batch + logQ.
+
+Methods: `cache` (cache negatives + in-batch negatives), `cache+logq` (the same, with the logQ
+correction on the in-batch part; the cache part is an exact softmax and needs none),
+`inbatch`, `inbatch+logq`. Embeddings are unit-norm, scored with temperature 0.05.
+
+    python -m benchmarks.quality_at_time --seconds 120   # 2^20 candidates, cache 2^16
+    python -m benchmarks.quality_at_time --quick         # a small smoke configuration
+
+Each model (same towers as `benchmarks.step_time`, same batches in the same order) trains
+for the same number of seconds of training steps (data generation excluded), then is
+evaluated by brute force over ALL candidates: recall@10 and recall@100 of held-out queries.
+
+The corpus is made harder than `make_corpus`'s defaults (`--query-item-tokens 2`, more noise
+tokens): with 8 item tokens per query an in-batch model already finds the positive, and the
+point here is whether hard negatives from the positive's fine cluster help tell it apart.
+"""
+
+import argparse
+import time
+
+from benchmarks import _common  # first: imports tfnegcache (Keras 2) before TensorFlow
+
+import numpy as np
+import tensorflow as tf
+
+from tfnegcache.datasets import synthetic
+
+METHODS = ("cache", "cache+logq", "inbatch", "inbatch+logq")
+
+
+def build(method, corpus, args):
+    model = _common.TwoTower(
+        corpus.tokens_per_candidate, dim=args.dim, seed=args.seed,
+        cache_size=args.cache_size if method.startswith("cache") else None,
+        logq=method.endswith("+logq"), temperature=args.temperature,
+        normalize=not args.unnormalized)
+    model.compile(optimizer=tf.keras.optimizers.Adam(args.learning_rate))
+    return model
+
+
+def train_for(model, train, batch, seconds, max_steps):
+    """Runs train steps on consecutive batches until `seconds` of step time are spent."""
+    step = tf.function(model.train_step)
+    num = len(train["candidate_id"])
+    spent, steps, logs = 0.0, 0, None
+    while spent < seconds and steps < max_steps:
+        start = (steps * batch) % (num - batch + 1)
+        features = {k: tf.constant(v[start:start + batch]) for k, v in train.items()}
+        began = time.perf_counter()
+        logs = step(features)
+        loss = float(logs["loss"])
+        if steps > 0:          # the first call traces: not training time
+            spent += time.perf_counter() - began
+        steps += 1
+    return {"steps": steps, "train_seconds": spent, "final_loss": loss}
+
+
+def evaluate(model, corpus, test, ks=(10, 100), chunk=2**16):
+    """Recall@k over all candidates, brute force in chunks of candidates."""
+    encode = tf.function(model.candidate_tower)
+    queries = model.query_tower(tf.constant(test["query_tokens"]))
+    best_scores, best_ids = None, None
+    top = max(ks)
+    for start in range(0, corpus.num_candidates, chunk):
+        emb = encode(tf.constant(corpus.candidate_tokens[start:start + chunk]))
+        scores = tf.matmul(queries, emb, transpose_b=True)
+        values, indices = tf.math.top_k(scores, min(top, scores.shape[1]))
+        indices = indices + start
+        if best_scores is not None:
+            values = tf.concat([best_scores, values], 1)
+            indices = tf.concat([best_ids, indices], 1)
+            values, order = tf.math.top_k(values, top)
+            indices = tf.gather(indices, order, batch_dims=1)
+        best_scores, best_ids = values, indices
+    found = best_ids.numpy() == test["candidate_id"][:, None]
+    return {f"recall@{k}": float(found[:, :k].any(1).mean()) for k in ks}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--seconds", type=float, default=120.0)
+    parser.add_argument("--log2n", type=int, default=20)
+    parser.add_argument("--cache-size", type=int, default=2**16)
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--dim", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=0.05)
+    parser.add_argument("--unnormalized", action="store_true",
+                        help="raw dot products (default: unit-norm embeddings / temperature)")
+    parser.add_argument("--learning-rate", type=float, default=2e-3)
+    parser.add_argument("--query-item-tokens", type=int, default=2)
+    parser.add_argument("--query-cluster-tokens", type=int, default=2)
+    parser.add_argument("--num-test", type=int, default=1000)
+    parser.add_argument("--max-steps", type=int, default=10**9)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.log2n, args.cache_size, args.seconds, args.num_test = 12, 2**10, 1.0, 100
+        args.max_steps = 10
+
+    corpus = synthetic.make_corpus(
+        num_candidates=2**args.log2n, query_item_tokens=args.query_item_tokens,
+        query_cluster_tokens=args.query_cluster_tokens, seed=args.seed)
+    # Enough training queries that no batch repeats within the budget.
+    train = corpus.queries(min(2**18, args.batch * 4000), split="train")
+    test = corpus.queries(args.num_test, split="test")
+
+    rows = []
+    for method in args.methods:
+        model = build(method, corpus, args)
+        row = {"method": method}
+        row.update(train_for(model, train, args.batch, args.seconds, args.max_steps))
+        row["ms_per_step"] = 1e3 * row["train_seconds"] / max(1, row["steps"] - 1)
+        row.update(evaluate(model, corpus, test))
+        print(row, flush=True)
+        rows.append(row)
+
+    by = {r["method"]: r for r in rows}
+    targets = {}
+    baselines = [by[m]["recall@10"] for m in ("inbatch", "inbatch+logq") if m in by]
+    for method in ("cache", "cache+logq"):
+        if method in by and baselines:
+            best = max(baselines)
+            ratio = by[method]["recall@10"] / best if best else None
+            targets[f"{method}_r10/best_inbatch_r10"] = ratio
+            targets[f"{method}_quality_met(>=1.5)"] = bool(ratio and ratio >= 1.5)
+    config = vars(args)
+    path = _common.write_json("quality_at_time", {"config": config, "rows": rows,
+                                                  "targets": targets})
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    x = np.arange(len(rows))
+    for i, k in enumerate(("recall@10", "recall@100")):
+        ax.bar(x + 0.4 * i - 0.2, [r[k] for r in rows], 0.4, label=k)
+    ax.set_xticks(x, [r["method"] for r in rows])
+    ax.set_ylabel("recall over all candidates")
+    ax.set_title(f"{args.seconds:g} s of training each, N=2^{args.log2n}, "
+                 f"cache {args.cache_size}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(_common.plot_path("quality_at_time"))
+
+    print(_common.table(rows, ["method", "steps", "ms_per_step", "final_loss", "recall@10",
+                               "recall@100"]))
+    print("targets:", targets)
+    print("wrote", path)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
