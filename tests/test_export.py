@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -117,9 +118,15 @@ def test_dataset_of_ids_and_embeddings_and_bad_k(trained, tmp_path):
 
 
 def saved_model_cli(*args):
-    """Runs `saved_model_cli` (the installed script, else the module) and returns its stdout."""
-    script = shutil.which("saved_model_cli")
-    command = [script] if script else [sys.executable, "-m", "tensorflow.python.tools.saved_model_cli"]
+    """Runs `saved_model_cli` and returns its stdout.
+
+    The script installed with this interpreter's TensorFlow, else the one on PATH, else the
+    module it runs.
+    """
+    script = Path(sys.executable).with_name("saved_model_cli")
+    script = str(script) if script.exists() else shutil.which("saved_model_cli")
+    command = [script] if script else [
+        sys.executable, "-m", "tensorflow.python.tools.saved_model_cli"]
     result = subprocess.run(command + [str(a) for a in args], capture_output=True, text=True,
                             timeout=180)
     assert result.returncode == 0, result.stderr[-3000:]
