@@ -1,9 +1,12 @@
 """export_retrieval_model: a SavedModel serving top-k movie ids for raw user ids."""
 
 import json
+import re
+import shutil
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -112,3 +115,115 @@ def test_dataset_of_ids_and_embeddings_and_bad_k(trained, tmp_path):
     with pytest.raises(ValueError, match="k"):
         export_retrieval_model(model.query_tower, movies, corpus.movie_ids, k=10_000,
                                path=tmp_path / "x")
+
+
+def saved_model_cli(*args):
+    """Runs `saved_model_cli` and returns its stdout.
+
+    The script installed with this interpreter's TensorFlow, else the one on PATH, else the
+    module it runs.
+    """
+    script = Path(sys.executable).with_name("saved_model_cli")
+    script = str(script) if script.exists() else shutil.which("saved_model_cli")
+    command = [script] if script else [
+        sys.executable, "-m", "tensorflow.python.tools.saved_model_cli"]
+    result = subprocess.run(command + [str(a) for a in args], capture_output=True, text=True,
+                            timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def test_saved_model_cli_show_and_run_serve_the_in_memory_top_k(trained, tmp_path):
+    model, corpus = trained
+    movies = model.candidate_tower(corpus.movie_tensors())
+    path = export_retrieval_model(model.query_tower, movies, corpus.movie_ids, k=K,
+                                  path=tmp_path / "cli" / "1")
+
+    shown = saved_model_cli("show", "--dir", path, "--all")
+    # serving_default: user_id string [batch] -> ids string [batch, K], scores float [batch, K]
+    signature = shown.split("signature_def['serving_default']:", 1)[1].split("signature_def[")[0]
+    tensors = {name: (dtype, shape) for name, dtype, shape in re.findall(
+        r"(?:inputs|outputs)\['(\w+)'\] tensor_info:\s*dtype: (\w+)\s*shape: (\([^)]*\))",
+        signature)}
+    assert tensors == {"user_id": ("DT_STRING", "(-1)"),
+                       "ids": ("DT_STRING", f"(-1, {K})"),
+                       "scores": ("DT_FLOAT", f"(-1, {K})")}, shown
+    assert "Method name is: tensorflow/serving/predict" in signature
+
+    users = ["1", "42"]  # "42" is not a fixture user (ids 1-30): the OOV row's top k
+    outdir = tmp_path / "cli_out"
+    ran = saved_model_cli("run", "--dir", path, "--tag_set", "serve", "--signature_def",
+                          "serving_default", "--input_exprs", f"user_id={users!r}",
+                          "--outdir", outdir)
+    assert "Result for output key ids" in ran and "Result for output key scores" in ran
+    ids = np.load(outdir / "ids.npy", allow_pickle=True).astype(str)
+    scores = np.load(outdir / "scores.npy")
+    expected_ids, expected_scores = in_memory_top_k(model, corpus, users, K)
+    assert ids.shape == scores.shape == (2, K)
+    np.testing.assert_allclose(scores, expected_scores, rtol=1e-5, atol=1e-6)
+    assert np.mean(ids == expected_ids) > 0.95
+    # The text printed by `run` is the same: every returned id is in the printed ids block.
+    printed = ran.split("Result for output key ids", 1)[1].split("Result for output key", 1)[0]
+    assert set(re.findall(r"b'([^']*)'", printed)) == set(ids.ravel())
+
+
+def export_size(path):
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def test_export_with_a_large_cache_is_no_larger_than_without(tmp_path):
+    data = ml_fixture.load(tmp_path / "data")
+    train_rows, test_rows = movielens.tutorial_split(data, num_train=960)
+    corpus = experiment.Corpus(data, train_rows, test_rows)
+    sizes = {}
+    for strategy, cache_size in (("in-batch", 0), ("negative-cache", 2**16)):
+        model, *_ = experiment.train_one(
+            corpus, strategy, seed=0, epochs=1, batch_size=64, learning_rate=0.1, dim=8,
+            temperature=0.5, cache_size=cache_size or 1, num_negatives=2,
+            cache_in_batch=True, verbose=0)
+        if cache_size:
+            assert max(w.shape[0] for w in model.task.cache.weights if w.shape.rank) == 2**16
+            assert model.task.cache.fill_fraction().numpy() > 0
+        movies = model.candidate_tower(corpus.movie_tensors())
+        path = export_retrieval_model(model.query_tower, movies, corpus.movie_ids, k=K,
+                                      path=tmp_path / strategy / "1")
+        sizes[strategy] = export_size(path)
+    print(f"\nexport size: without a cache {sizes['in-batch']} bytes, "
+          f"with a 2^16-slot cache {sizes['negative-cache']} bytes")
+    # The cache alone holds 2^16 x (8 + 8*8 + 19*4 + 8*4 + ...) bytes, megabytes: none of it
+    # may reach the export.
+    assert sizes["negative-cache"] <= sizes["in-batch"] + 4096, sizes
+
+
+def test_malformed_requests_fail_clearly_and_the_model_keeps_serving(trained, tmp_path):
+    model, corpus = trained
+    movies = model.candidate_tower(corpus.movie_tensors())
+    path = export_retrieval_model(model.query_tower, movies, corpus.movie_ids, k=K,
+                                  path=tmp_path / "bad" / "1")
+    serve = tf.saved_model.load(str(path)).signatures["serving_default"]
+    users = list(corpus.users[:2])
+    expected_ids, expected_scores = in_memory_top_k(model, corpus, users, K)
+
+    def serves_a_good_request():
+        out = serve(user_id=tf.constant(users))
+        np.testing.assert_allclose(out["scores"].numpy(), expected_scores, rtol=1e-5, atol=1e-6)
+        assert np.mean(out["ids"].numpy().astype(str) == expected_ids) > 0.95
+
+    # Wrong dtype: int64 ids instead of strings.
+    with pytest.raises(tf.errors.InvalidArgumentError, match="expected to be a string tensor"):
+        serve(user_id=tf.constant([1, 42], tf.int64))
+    serves_a_good_request()
+    # Wrong rank: [1, 2] strings instead of [batch].
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match=re.escape("user_id [1,2] is not compatible with expected shape [?]")):
+        serve(user_id=tf.constant([users]))
+    serves_a_good_request()
+    # Empty batch: documented, not an error: [0, K] ids and scores.
+    out = serve(user_id=tf.constant([], tf.string))
+    assert out["ids"].shape == (0, K) and out["scores"].shape == (0, K)
+    assert out["ids"].dtype == tf.string and out["scores"].dtype == tf.float32
+    serves_a_good_request()
+    # Unknown ids: the documented OOV top k (see test_unknown_user_gets_the_oov_top_k).
+    out = serve(user_id=tf.constant(["", "no-such-user"]))
+    assert out["ids"].numpy()[0].tolist() == out["ids"].numpy()[1].tolist()
+    serves_a_good_request()

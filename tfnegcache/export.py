@@ -16,6 +16,11 @@ whole corpus:
 MovieLens towers of `tfnegcache.experiments.movielens`, an unknown user id maps to the
 `StringLookup`'s single OOV index, whose embedding is never trained, so every unknown user gets
 the same, non-personalised top k (well-formed ids and finite scores, no error).
+
+Malformed requests fail with `tf.errors.InvalidArgumentError` and leave the loaded model
+serving: a wrong dtype ("... was expected to be a string tensor but is a int64 tensor"), a
+wrong rank ("Shape of tensor user_id [1,2] is not compatible with expected shape [?]"). An
+empty batch is not an error: it returns ids and scores of shape `[0, k]`.
 """
 
 import os
@@ -36,6 +41,10 @@ class _Served(tf.Module):
 
         @tf.function(input_signature=[input_spec])
         def serve(queries):
+            # A signature call checks dtypes but not shapes: without this a rank-2 request
+            # fails deep in the index ("In[0] ndims must be >= 2"); with it, the error names
+            # the input and the expected shape.
+            queries = tf.ensure_shape(queries, input_spec.shape, name=input_name)
             scores, ids = self.index(queries)
             return {"ids": ids, "scores": scores}
 
