@@ -4,7 +4,7 @@ from typing import Dict, Mapping, Optional, Tuple
 
 import tensorflow as tf
 
-from tfnegcache import sampling
+from tfnegcache import distribute, sampling
 
 FeatureSpec = Mapping[str, tf.TensorSpec]
 
@@ -59,6 +59,7 @@ class NegativeCache(tf.keras.layers.Layer):
         seed: int = 0,
         block_size: Optional[int] = None,
         name: str = "negative_cache",
+        layout: str = "replicated",
         **kwargs,
     ) -> None:
         """Creates an empty cache.
@@ -76,6 +77,10 @@ class NegativeCache(tf.keras.layers.Layer):
           seed: seeds the Gumbel noise; draws are a function of (seed, step, draw index).
           block_size: the sampler's block size; chosen from the shapes when None.
           name: layer name (prefix of the variables' names).
+          layout: how the cache is laid out over the replicas of a `tf.distribute` strategy
+            (see `tfnegcache.distribute`): `"replicated"` (every replica holds the same
+            `size` slots) or `"sharded"` (each replica holds its own `size` slots; the
+            cache sampled from is the union). Without a strategy both are one cache.
           **kwargs: passed to `tf.keras.layers.Layer`.
         """
         super().__init__(name=name, trainable=False, **kwargs)
@@ -111,6 +116,20 @@ class NegativeCache(tf.keras.layers.Layer):
         self.embedding_dtype = embedding_dtype
         self.seed = int(seed)
         self.block_size = block_size
+        if layout not in distribute.LAYOUTS:
+            raise ValueError(
+                f"`layout` must be one of {distribute.LAYOUTS}. Received: layout={layout!r}.")
+        self.layout = layout
+        self._draws_this_step = 0
+        if layout == "sharded":
+            # One plain sub-cache per local replica, each on its replica's device.
+            self.shards = []
+            for r, device in enumerate(distribute.shard_devices()):
+                with distribute.local_variables(device):
+                    self.shards.append(NegativeCache(
+                        size, feature_spec, embedding_dim, id_dtype, embedding_dtype, seed,
+                        block_size, name=f"{name}_shard_{r}"))
+            return
 
         def variable(name, shape, dtype):
             fill = "" if dtype == tf.string else 0
@@ -228,6 +247,8 @@ class NegativeCache(tf.keras.layers.Layer):
 
     def fill_fraction(self) -> tf.Tensor:
         """The fraction of slots that hold a candidate, a float32 scalar."""
+        if self.layout == "sharded":
+            return distribute.sharded_fill_fraction(self)
         return tf.cast(self.num_filled, tf.float32) / float(self.size)
 
     def lookup(self, ids: tf.Tensor) -> tf.Tensor:
@@ -296,6 +317,7 @@ class NegativeCache(tf.keras.layers.Layer):
             seed = tf.random.experimental.stateless_fold_in(
                 tf.constant([self.seed, 0x6E6567], tf.int64), self.step)
             seed = tf.random.experimental.stateless_fold_in(seed, self._draws_this_step)
+            seed = distribute.replica_seed(seed)
             self._draws_this_step += 1
         plan = sampling.plan_sampler(self.size, self.embedding_dim, queries.shape[0],
                                      self.block_size)
@@ -434,6 +456,7 @@ class NegativeCache(tf.keras.layers.Layer):
             "embedding_dtype": self.embedding_dtype.name,
             "seed": self.seed,
             "block_size": self.block_size,
+            "layout": self.layout,
         })
         return config
 
