@@ -225,11 +225,11 @@ def apply_update(cache, insert, write_back) -> None:
     if cache.layout == "sharded":
         shard = local_shard(cache)
         if write_back is not None:
-            slots, fresh, valid, owner = write_back
-            mine = tf.logical_and(tf.reshape(valid, [-1]),
-                                  tf.equal(tf.reshape(owner, [-1]), replica_id()))
-            write_back = (all_gather(tf.reshape(slots, [-1])), all_gather(fresh),
-                          all_gather(mine))
+            slots, fresh, valid, owner = (all_gather(tf.reshape(x, [-1]) if x.shape.rank == 1
+                                                     else x) for x in write_back)
+            # Every replica's re-encoded negatives; this shard keeps the ones it owns.
+            mine = tf.logical_and(valid, tf.equal(owner, replica_id()))
+            write_back = (slots, fresh, mine)
         shard.update(insert=insert, write_back=write_back)
         return
 

@@ -219,7 +219,8 @@ class CacheRetrieval(tfrs.tasks.Retrieval):
         if owner is None:
             features, stale, _ = cache.gather(slots)
         else:
-            features = {key: tf.reshape(v, [-1, *v.shape[2:]]) for key, v in features.items()}
+            features = {key: tf.reshape(v, [-1, *cache.feature_spec[key].shape.as_list()])
+                        for key, v in features.items()}
             stale = tf.reshape(stale, [-1, cache.embedding_dim])
         fresh = tf.convert_to_tensor(self.candidate_model(features))
         fresh = tf.cast(cache.check_embeddings(fresh, "candidate_model output"),
