@@ -200,11 +200,12 @@ def sharded_draw(cache, queries, num_samples, temperature, masked_ids, excluded_
     stacked = {k: tf.gather(all_stack(v), rows, axis=1) for k, v in stacked.items()}
     owner = tf.argmax(stacked["perturbed"], axis=0, output_type=tf.int32)  # [B, k]
 
+    b, k = tf.meshgrid(tf.range(num_rows), tf.range(num_samples), indexing="ij")
+    at_owner = tf.stack([owner, b, k], axis=-1)  # [B, k, 3]
+
     def pick(value):
-        # [R, B, k, ...] -> [B, k, R, ...] -> [B, k, ...] at `owner`.
-        rank = value.shape.rank
-        moved = tf.transpose(value, [1, 2, 0, *range(3, rank)])
-        return tf.gather(moved, owner, axis=2, batch_dims=2)
+        # [R, B, k, ...] -> [B, k, ...]: each draw's row from its winning shard.
+        return tf.gather_nd(value, at_owner)
 
     picked = {k: pick(v) for k, v in stacked.items()}
     features = {k[len("features/"):]: v for k, v in picked.items() if k.startswith("features/")}
