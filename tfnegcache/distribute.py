@@ -80,15 +80,30 @@ def replica_seed(seed: tf.Tensor) -> tf.Tensor:
     return tf.random.experimental.stateless_fold_in(seed, replica_id())
 
 
+def _gather_merge_fn(strategy, value):
+    local = strategy.experimental_local_results(value)
+    if len(local) == strategy.num_replicas_in_sync:
+        # One worker holds every replica's value: concatenate them (any dtype, strings too).
+        return tf.concat(local, axis=0)
+    return strategy.gather(value, axis=0)  # across workers: the strategy's collective
+
+
 def all_gather(value: tf.Tensor) -> tf.Tensor:
-    """Concatenation of every replica's `value` along axis 0 (identity without replicas)."""
+    """Concatenation of every replica's `value` along axis 0 (identity without replicas).
+
+    Done in cross-replica context (`merge_call`): every replica reaches its gathers in the same
+    order there, so the collectives of one step can never be matched out of order (with
+    `ReplicaContext.all_gather`, several gathers per step under load failed with "Shape
+    mismatch in the collective instance"). Bools travel as int32 (collectives take numbers);
+    across workers, strings are not supported by the collectives.
+    """
     ctx = replica_context()
     if ctx is None or ctx.num_replicas_in_sync == 1:
         return value
     value = tf.convert_to_tensor(value)
-    if value.dtype == tf.bool:  # collectives take numbers only
-        return tf.cast(ctx.all_gather(tf.cast(value, tf.int32), axis=0), tf.bool)
-    return ctx.all_gather(value, axis=0)
+    if value.dtype == tf.bool:
+        return tf.cast(all_gather(tf.cast(value, tf.int32)), tf.bool)
+    return tf.identity(ctx.merge_call(_gather_merge_fn, args=(value,)))
 
 
 def all_stack(value: tf.Tensor) -> tf.Tensor:
