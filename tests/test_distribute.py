@@ -154,7 +154,7 @@ def test_multi_worker_fit_completes_with_the_same_loss_on_both_workers(tmp_path)
     results = [json.loads(o.read_text()) for o in outs]
     assert len(results[0]["loss"]) == 3
     np.testing.assert_allclose(results[0]["loss"], results[1]["loss"], rtol=1e-6)
-    assert results[0]["cache_step"] == results[1]["cache_step"] == 3 * 6
+    assert results[0]["cache_step"] == results[1]["cache_step"] == 3 * 12  # 12 global batches per epoch
 
 
 @pytest.mark.slow
@@ -185,5 +185,5 @@ def test_multi_worker_resumes_from_backup_with_the_cache_after_a_worker_dies(tmp
         restored = np.load(tmp_path / f"second-w{index}" / "train_begin.npz")
         for name in backed_up.files:
             np.testing.assert_array_equal(restored[name], backed_up[name], err_msg=name)
-    assert results[0]["cache_step"] == results[1]["cache_step"] == 4 * 6
+    assert results[0]["cache_step"] == results[1]["cache_step"] == 4 * 12
     np.testing.assert_allclose(results[0]["loss"], results[1]["loss"], rtol=1e-6)

@@ -111,18 +111,19 @@ def all_stack(value: tf.Tensor) -> tf.Tensor:
     return all_gather(value[None])
 
 
+def _sum_merge_fn(strategy, value):
+    local = strategy.experimental_local_results(value)
+    if len(local) == strategy.num_replicas_in_sync:
+        return tf.add_n(list(local))
+    return strategy.reduce(tf.distribute.ReduceOp.SUM, value, axis=None)
+
+
 def all_reduce_sum(value: tf.Tensor) -> tf.Tensor:
+    """Sum of every replica's `value` (in cross-replica context, as `all_gather`)."""
     ctx = replica_context()
     if ctx is None or ctx.num_replicas_in_sync == 1:
         return value
-    return ctx.all_reduce(tf.distribute.ReduceOp.SUM, value)
-
-
-def all_reduce_mean(value: tf.Tensor) -> tf.Tensor:
-    ctx = replica_context()
-    if ctx is None or ctx.num_replicas_in_sync == 1:
-        return value
-    return ctx.all_reduce(tf.distribute.ReduceOp.MEAN, value)
+    return tf.identity(ctx.merge_call(_sum_merge_fn, args=(tf.convert_to_tensor(value),)))
 
 
 # ---------------------------------------------------------------------- sharded storage
