@@ -104,11 +104,13 @@ def test_replicated_copies_stay_identical_and_equal_one_device(tmp_path):
 def test_fit_under_mirrored_strategy_reaches_single_device_recall(tmp_path):
     result = run_scenario(tmp_path, "fit_recall", 2, timeout=540)
     single = result["single"]["recall"]
-    # Tolerance 0.04: the replicated run differs from one device only by the in-batch
-    # negatives (64 per replica instead of 128) and the draws' noise; across seeds recall@10
-    # on this corpus moves by about +-0.02 (4000 held-out pairs: binomial sd ~0.007).
-    assert abs(result["replicated"]["recall"] - single) < 0.04, result
-    assert abs(result["sharded"]["recall"] - single) < 0.04, result
+    # Tolerance 0.025. Measured recall@10 after 2 epochs: one device 0.750 (seed 0), and
+    # 0.748 / 0.756 / 0.748 for seeds 1-3 (spread 0.009, sd ~0.004); 2 replicas: replicated
+    # 0.749, sharded (2 x 256 slots) 0.743. Besides the seed noise (init, draws), a replica
+    # has 64 in-batch negatives instead of 128, a small systematic change; 0.025 is ~6 sd of
+    # the seed spread, and far below the cache's gain over in-batch training (~0.1).
+    assert abs(result["replicated"]["recall"] - single) < 0.025, result
+    assert abs(result["sharded"]["recall"] - single) < 0.025, result
 
 
 # ---------------------------------------------------------------------------- multi-worker
