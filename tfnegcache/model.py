@@ -77,8 +77,7 @@ class CachedRetrievalModel(tfrs.Model):
                 if update is not None:
                     distribute.apply_update(cache, update.insert, update.write_back)
 
-        metrics = {metric.name: metric.result()
-                   for metric in self.metrics}
+        metrics = {metric.name: metric.result() for metric in self.metrics}
         # Each replica's loss covers its share of the global batch (summed, as the gradients).
         metrics["loss"] = distribute.all_reduce_sum(loss)
         metrics["regularization_loss"] = regularization_loss
