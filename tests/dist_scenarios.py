@@ -226,7 +226,7 @@ class CacheSnapshots(tf.keras.callbacks.Callback):
             os._exit(17)  # pylint: disable=protected-access
 
 
-def worker(out, backup_dir, epochs, kill_at_epoch):
+def worker(out, backup_dir, epochs, kill_at_epoch, layout="replicated"):
     """One MultiWorkerMirroredStrategy worker (TF_CONFIG from the environment)."""
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
     data = toy.interactions(64 * 2 * 12, seed=4)
@@ -234,7 +234,7 @@ def worker(out, backup_dir, epochs, kill_at_epoch):
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
     dataset = toy.dataset(data, 128).with_options(options)
     with strategy.scope():
-        model = make_model(300)
+        model = make_model(300 if layout == "replicated" else 150, layout=layout)
         model.compile(tf.keras.optimizers.Adam(0.05))
     directory = os.path.dirname(out)
     kill = int(kill_at_epoch) if kill_at_epoch != "none" else None
