@@ -242,7 +242,8 @@ def worker(out, backup_dir, epochs, kill_at_epoch, layout="replicated"):
                  CacheSnapshots(directory, kill)]
     history = model.fit(dataset, epochs=int(epochs), verbose=0, callbacks=callbacks)
     json.dump({"loss": history.history["loss"],
-               "cache_step": int(model.task.cache.step.numpy()),
+               "cache_step": int(cache_arrays(model.task.cache)["step:0"][0]),
+               "first_ids": cache_arrays(model.task.cache)["ids:0"][0][:8].tolist(),
                "epochs_run": len(history.history["loss"])}, open(out, "w"))
 
 

@@ -125,7 +125,7 @@ def _free_ports(num):
     return ports
 
 
-def _workers(tmp_path, tag, backup, epochs, kill_at=None):
+def _workers(tmp_path, tag, backup, epochs, kill_at=None, layout="replicated"):
     ports = _free_ports(2)
     cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
     procs, outs, logs = [], [], []
@@ -137,7 +137,8 @@ def _workers(tmp_path, tag, backup, epochs, kill_at=None):
         kill = kill_at if (kill_at is not None and index == 1) else "none"
         log = open(directory / "log", "w")
         logs.append(log)
-        procs.append(_start(["worker", out, backup, epochs, kill], log, TF_CONFIG=tf_config))
+        procs.append(_start(["worker", out, backup, epochs, kill, layout], log,
+                            TF_CONFIG=tf_config))
         outs.append(out)
     return procs, outs, logs
 
@@ -148,8 +149,9 @@ def _close(logs):
 
 
 @pytest.mark.slow
-def test_multi_worker_fit_completes_with_the_same_loss_on_both_workers(tmp_path):
-    procs, outs, logs = _workers(tmp_path, "run", tmp_path / "backup", 3)
+@pytest.mark.parametrize("layout", ["replicated", "sharded"])
+def test_multi_worker_fit_completes_with_the_same_loss_on_both_workers(tmp_path, layout):
+    procs, outs, logs = _workers(tmp_path, "run", tmp_path / "backup", 3, layout=layout)
     codes = _wait(procs, 300)
     _close(logs)
     assert codes == [0, 0], [(tmp_path / f"run-w{i}" / "log").read_text()[-3000:] for i in (0, 1)]
@@ -157,6 +159,8 @@ def test_multi_worker_fit_completes_with_the_same_loss_on_both_workers(tmp_path)
     assert len(results[0]["loss"]) == 3
     np.testing.assert_allclose(results[0]["loss"], results[1]["loss"], rtol=1e-6)
     assert results[0]["cache_step"] == results[1]["cache_step"] == 3 * 12  # 12 global batches per epoch
+    # Replicated: the same cache on both workers; sharded: each worker its own shard.
+    assert (results[0]["first_ids"] == results[1]["first_ids"]) == (layout == "replicated")
 
 
 @pytest.mark.slow
