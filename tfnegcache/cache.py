@@ -4,8 +4,8 @@ from typing import Dict, Mapping, Optional, Tuple
 
 import tensorflow as tf
 
+from tfnegcache import distribute, sampling
 from tfnegcache import refresh as refresh_lib
-from tfnegcache import sampling
 
 FeatureSpec = Mapping[str, tf.TensorSpec]
 
@@ -60,6 +60,7 @@ class NegativeCache(tf.keras.layers.Layer):
         seed: int = 0,
         block_size: Optional[int] = None,
         name: str = "negative_cache",
+        layout: str = "replicated",
         **kwargs,
     ) -> None:
         """Creates an empty cache.
@@ -77,6 +78,10 @@ class NegativeCache(tf.keras.layers.Layer):
           seed: seeds the Gumbel noise; draws are a function of (seed, step, draw index).
           block_size: the sampler's block size; chosen from the shapes when None.
           name: layer name (prefix of the variables' names).
+          layout: how the cache is laid out over the replicas of a `tf.distribute` strategy
+            (see `tfnegcache.distribute`): `"replicated"` (every replica holds the same
+            `size` slots) or `"sharded"` (each replica holds its own `size` slots; the
+            cache sampled from is the union). Without a strategy both are one cache.
           **kwargs: passed to `tf.keras.layers.Layer`.
         """
         super().__init__(name=name, trainable=False, **kwargs)
@@ -112,6 +117,20 @@ class NegativeCache(tf.keras.layers.Layer):
         self.embedding_dtype = embedding_dtype
         self.seed = int(seed)
         self.block_size = block_size
+        if layout not in distribute.LAYOUTS:
+            raise ValueError(
+                f"`layout` must be one of {distribute.LAYOUTS}. Received: layout={layout!r}.")
+        self.layout = layout
+        self._draws_this_step = 0
+        if layout == "sharded":
+            # One plain sub-cache per local replica, each on its replica's device.
+            self.shards = []
+            for r, device in enumerate(distribute.shard_devices()):
+                with distribute.local_variables(device):
+                    self.shards.append(NegativeCache(
+                        size, feature_spec, embedding_dim, id_dtype, embedding_dtype, seed,
+                        block_size, name=f"{name}_shard_{r}"))
+            return
 
         def variable(name, shape, dtype):
             fill = "" if dtype == tf.string else 0
@@ -229,6 +248,8 @@ class NegativeCache(tf.keras.layers.Layer):
 
     def fill_fraction(self) -> tf.Tensor:
         """The fraction of slots that hold a candidate, a float32 scalar."""
+        if self.layout == "sharded":
+            return distribute.sharded_fill_fraction(self)
         return tf.cast(self.num_filled, tf.float32) / float(self.size)
 
     def lookup(self, ids: tf.Tensor) -> tf.Tensor:
@@ -256,6 +277,15 @@ class NegativeCache(tf.keras.layers.Layer):
                 tf.fill(tf.shape(masked_slots), sampling.NEG_INF))
         return bias
 
+    def _next_draw_seed(self) -> tf.Tensor:
+        """The `[2]` seed of the next draw: a function of (seed, step, draw index in the step,
+        replica), so evaluation, restores and replicas never share or disturb a stream."""
+        seed = tf.random.experimental.stateless_fold_in(
+            tf.constant([self.seed, 0x6E6567], tf.int64), self.step)
+        seed = tf.random.experimental.stateless_fold_in(seed, self._draws_this_step)
+        self._draws_this_step += 1
+        return distribute.replica_seed(seed)
+
     def sample(
         self,
         queries: tf.Tensor,
@@ -264,6 +294,7 @@ class NegativeCache(tf.keras.layers.Layer):
         masked_ids: Optional[tf.Tensor] = None,
         excluded_ids: Optional[tf.Tensor] = None,
         draw: bool = True,
+        top_m: Optional[int] = None,
     ) -> sampling.CacheDraw:
         """Scores queries against the cache; draws Gumbel-Max samples when `draw`.
 
@@ -276,6 +307,9 @@ class NegativeCache(tf.keras.layers.Layer):
           excluded_ids: `[B]`, an id never drawn for query i (its positive: an accidental
             hit).
           draw: False to compute only the log-mass (evaluation); nothing is drawn.
+          top_m: restrict each query to its `top_m` highest eligible cached scores: draws
+            follow the softmax over those m slots and `log_mass` sums over them only (see
+            `CacheRetrieval(top_m=...)` for what that means for the loss). None: all slots.
 
         Returns:
           A `sampling.CacheDraw`; `slots` is None when `draw` is False. The noise is a
@@ -292,15 +326,14 @@ class NegativeCache(tf.keras.layers.Layer):
                 f"{tuple(queries.shape)}.")
         masked = self.lookup(masked_ids) if masked_ids is not None else None
         excluded = self.lookup(excluded_ids) if excluded_ids is not None else None
-        seed = None
-        if draw:
-            seed = tf.random.experimental.stateless_fold_in(
-                tf.constant([self.seed, 0x6E6567], tf.int64), self.step)
-            seed = tf.random.experimental.stateless_fold_in(seed, self._draws_this_step)
-            self._draws_this_step += 1
+        seed = self._next_draw_seed() if draw else None
+        inv_temperature = 1.0 / temperature if temperature is not None else 1.0
+        if top_m is not None:
+            return sampling.sample_cache_top_m(
+                queries, self.embeddings, self.slot_bias(masked), inv_temperature, num_samples,
+                seed, top_m, excluded_slots=excluded)
         plan = sampling.plan_sampler(self.size, self.embedding_dim, queries.shape[0],
                                      self.block_size)
-        inv_temperature = 1.0 / temperature if temperature is not None else 1.0
         return sampling.sample_cache(
             queries, self.embeddings, self.slot_bias(masked), inv_temperature, num_samples,
             seed, excluded_slots=excluded, plan=plan)
@@ -455,38 +488,6 @@ class NegativeCache(tf.keras.layers.Layer):
         return refresh_lib.warm_start(self, dataset, candidate_model, id_key=id_key,
                                       batch_size=batch_size, batched=batched)
 
-    def sample_top_m(
-        self,
-        queries: tf.Tensor,
-        top_m: int,
-        num_samples: int = 1,
-        temperature: Optional[float] = None,
-        masked_ids: Optional[tf.Tensor] = None,
-        excluded_ids: Optional[tf.Tensor] = None,
-        draw: bool = True,
-    ) -> sampling.CacheDraw:
-        """`sample`, restricted to each query's `top_m` highest masked cached scores.
-
-        Draws follow the softmax restricted to those m slots, and `log_mass` is the
-        `logsumexp` over them only (see `CacheRetrieval(top_m=...)` for what that means for
-        the loss). Same arguments and seed stream as `sample`.
-        """
-        if num_samples < 1:
-            raise ValueError(
-                f"`num_samples` must be >= 1 negatives per query. Received: {num_samples}.")
-        masked = self.lookup(masked_ids) if masked_ids is not None else None
-        excluded = self.lookup(excluded_ids) if excluded_ids is not None else None
-        seed = None
-        if draw:
-            seed = tf.random.experimental.stateless_fold_in(
-                tf.constant([self.seed, 0x6E6567], tf.int64), self.step)
-            seed = tf.random.experimental.stateless_fold_in(seed, self._draws_this_step)
-            self._draws_this_step += 1
-        inv_temperature = 1.0 / temperature if temperature is not None else 1.0
-        return sampling.sample_cache_top_m(
-            queries, self.embeddings, self.slot_bias(masked), inv_temperature, num_samples,
-            seed, top_m, excluded_slots=excluded)
-
     def get_config(self):
         config = super().get_config()
         config.update({
@@ -498,6 +499,7 @@ class NegativeCache(tf.keras.layers.Layer):
             "embedding_dtype": self.embedding_dtype.name,
             "seed": self.seed,
             "block_size": self.block_size,
+            "layout": self.layout,
         })
         return config
 

@@ -6,6 +6,7 @@ from typing import Dict, List
 import tensorflow as tf
 import tensorflow_recommenders as tfrs
 
+from tfnegcache import distribute
 from tfnegcache.retrieval import CacheRetrieval
 
 
@@ -75,15 +76,25 @@ class CachedRetrievalModel(tfrs.Model):
         with tf.control_dependencies([applied] if applied is not None else checks):
             for cache, update in updates:
                 if update is not None:
-                    cache.update(insert=update.insert, write_back=update.write_back,
-                                 refresh=update.refresh)
+                    distribute.apply_update(cache, update.insert, update.write_back,
+                                            refresh=update.refresh)
 
         metrics = {metric.name: metric.result() for metric in self.metrics}
-        metrics["loss"] = loss
+        # Each replica's loss covers its share of the global batch (summed, as the gradients).
+        metrics["loss"] = distribute.all_reduce_sum(loss)
         metrics["regularization_loss"] = regularization_loss
-        metrics["total_loss"] = total_loss
+        metrics["total_loss"] = metrics["loss"] + regularization_loss
         metrics.update(self._cache_logs(tasks))
         return metrics
+
+    @property
+    def distribute_reduction_method(self):
+        # train_step already reduces its logs over replicas: every replica returns the same.
+        return self._distribute_reduction_method or "first"
+
+    @distribute_reduction_method.setter
+    def distribute_reduction_method(self, value):
+        self._distribute_reduction_method = value
 
     def test_step(self, inputs):
         logs = super().test_step(inputs)

@@ -88,8 +88,11 @@ def refresh_all(cache, encoder: Encoder, batch_size: int = 1024) -> int:
     """Re-encodes every filled slot, `batch_size` slots per tower call; returns the count.
 
     Runs eagerly over chunks (each chunk's tower call and write in one `tf.function` with a
-    fixed chunk shape, so it traces once); empty slots are never touched.
+    fixed chunk shape, so it traces once); empty slots are never touched. A sharded cache
+    refreshes every shard.
     """
+    if cache.layout == "sharded":
+        return sum(refresh_all(shard, encoder, batch_size) for shard in cache.shards)
     batch_size = int(min(max(1, batch_size), cache.size))
     fn = _chunk_refresher(cache, encoder, batch_size)
     filled = int(cache.num_filled.numpy())
@@ -131,7 +134,15 @@ def warm_start(cache, dataset: tf.data.Dataset, candidate_model: Encoder,
       id_key: the element key holding the candidate id.
       batch_size: candidates per tower call and insert (capped at the cache size).
       batched: whether `dataset` already yields batches.
+
+    Raises:
+      ValueError: a sharded cache (which shard gets which candidate is for the caller to
+        decide: warm-start each of `cache.shards` with its part of the dataset).
     """
+    if cache.layout == "sharded":
+        raise ValueError(
+            f"warm_start fills one cache, but {cache.name!r} has layout='sharded': warm-start "
+            "each of `cache.shards` with its own part of the candidates instead.")
     batch_size = int(min(max(1, batch_size), cache.size))
     if not batched:
         dataset = dataset.batch(batch_size)

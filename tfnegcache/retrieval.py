@@ -1,12 +1,12 @@
 """`CacheRetrieval`: `tfrs.tasks.Retrieval` with negatives sampled from a negative cache."""
 
 import dataclasses
-import functools
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Text, Union
 
 import tensorflow as tf
 import tensorflow_recommenders as tfrs
 
+from tfnegcache import distribute
 from tfnegcache.cache import NegativeCache
 
 # TFRS masks logits with this value (tfrs.tasks.retrieval.MIN_FLOAT); an empty cache's
@@ -187,6 +187,11 @@ class CacheRetrieval(tfrs.tasks.Retrieval):
         if isinstance(refresh_per_step, bool) or int(refresh_per_step) < 0:
             raise ValueError(
                 f"`refresh_per_step` must be an integer >= 0. Received: {refresh_per_step!r}.")
+        if top_m is not None and cache is not None and cache.layout == "sharded":
+            raise ValueError(
+                "`top_m` is not supported with a sharded cache (it needs a cross-shard merge "
+                "of the per-shard top m, which is not implemented). Received: top_m="
+                f"{top_m!r} with layout='sharded'; use layout='replicated'.")
         self.top_m = None if top_m is None else int(top_m)
         self.refresh_per_step = int(refresh_per_step)
         self.write_back = bool(write_back)
@@ -244,21 +249,31 @@ class CacheRetrieval(tfrs.tasks.Retrieval):
         cache, k = self.cache, self.num_negatives
         num_queries = tf.shape(query_embeddings)[0]
         positives = candidate_ids[:num_queries]
-        sample = cache.sample
-        if getattr(self, "top_m", None):
-            sample = functools.partial(cache.sample_top_m, top_m=self.top_m)
-        draw = sample(
-            query_embeddings, num_samples=k, temperature=self._temperature,
-            masked_ids=candidate_ids if self.use_in_batch_negatives else None,
-            excluded_ids=None if self.use_in_batch_negatives else positives,
-            draw=training)
-        has_mass = tf.math.is_finite(draw.log_mass)
-        log_mass = tf.stop_gradient(tf.where(has_mass, draw.log_mass, MIN_FLOAT))
+        masked_ids = candidate_ids if self.use_in_batch_negatives else None
+        excluded_ids = None if self.use_in_batch_negatives else positives
+        owner = None
+        if cache.layout == "sharded":
+            log_mass, slots, owner, features, stale = distribute.sharded_draw(
+                cache, query_embeddings, k, self._temperature, masked_ids, excluded_ids,
+                draw=training)
+        else:
+            draw = cache.sample(
+                query_embeddings, num_samples=k, temperature=self._temperature,
+                masked_ids=masked_ids, excluded_ids=excluded_ids, draw=training,
+                top_m=self.top_m)
+            log_mass, slots = draw.log_mass, draw.slots
+        has_mass = tf.math.is_finite(log_mass)
+        log_mass = tf.stop_gradient(tf.where(has_mass, log_mass, MIN_FLOAT))
         if not training:
             return log_mass, None
 
-        slots = tf.reshape(draw.slots, [-1])
-        features, stale, _ = cache.gather(slots)
+        slots = tf.reshape(slots, [-1])
+        if owner is None:
+            features, stale, _ = cache.gather(slots)
+        else:
+            features = {key: tf.reshape(v, [-1, *cache.feature_spec[key].shape.as_list()])
+                        for key, v in features.items()}
+            stale = tf.reshape(stale, [-1, cache.embedding_dim])
         fresh = tf.convert_to_tensor(self.candidate_model(features))
         fresh = tf.cast(cache.check_embeddings(fresh, "candidate_model output"),
                         query_embeddings.dtype)
@@ -276,6 +291,8 @@ class CacheRetrieval(tfrs.tasks.Retrieval):
         staleness = tf.reduce_sum(tf.square(stale - fresh_sg), -1) / tf.maximum(
             tf.reduce_sum(tf.square(fresh_sg), -1), 1e-12)
         self.staleness.update_state(staleness, sample_weight=tf.cast(valid, staleness.dtype))
+        if owner is not None:
+            return cache_logit, (slots, fresh_sg, valid, tf.reshape(owner, [-1]))
         return cache_logit, (slots, fresh_sg, valid)
 
     def call(

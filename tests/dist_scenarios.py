@@ -1,0 +1,251 @@
+"""Scenarios of tests/test_distribute.py, each run in its own process.
+
+Logical CPU devices must be configured before TensorFlow initializes its devices, so every
+scenario runs in a fresh interpreter: `python tests/dist_scenarios.py NAME OUT_JSON [args]`.
+A scenario prints nothing the test reads; it writes its results as JSON to OUT_JSON.
+"""
+
+import json
+import os
+import sys
+
+import tfnegcache  # first: Keras 2
+
+import numpy as np
+import tensorflow as tf
+
+sys.path.insert(0, os.path.dirname(__file__))
+import toy  # noqa: E402  pylint: disable=wrong-import-position
+
+
+def split_cpu(num):
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(
+        cpu, [tf.config.LogicalDeviceConfiguration()] * num)
+
+
+def mirrored(num=2):
+    return tf.distribute.MirroredStrategy([f"/cpu:{i}" for i in range(num)])
+
+
+def make_model(cache_size, layout="replicated", seed=0, **task_kwargs):
+    model = toy.ToyModel(cache_size=None, seed=seed, **task_kwargs)
+    model.task.cache = tfnegcache.NegativeCache(
+        cache_size, toy.FEATURE_SPEC, 16, seed=seed, layout=layout)
+    model.task.staleness = tf.keras.metrics.Mean(name="cache_staleness")
+    return model
+
+
+def cache_arrays(cache):
+    """{name: [one array per local copy or shard]} of a cache's variables."""
+    shards = cache.shards if cache.layout == "sharded" else [cache]
+    out = {}
+    for shard in shards:
+        for v in shard.weights:
+            name = v.name.split("/", 1)[1] if "/" in v.name else v.name
+            out.setdefault(name, []).extend(tfnegcache.distribute.replica_values(v))
+    return out
+
+
+def tolist(tree):
+    return {k: [np.asarray(a).tolist() for a in v] for k, v in tree.items()}
+
+
+# ---------------------------------------------------------------------------------- sharded
+
+def sharded_exact(out):
+    """Sharded: loss equals a single union cache's; draws follow the union softmax;
+    checkpoint keeps both shards and a restored run continues identically."""
+    split_cpu(2)
+    strategy = mirrored(2)
+    tf.config.experimental.enable_op_determinism()
+    table = toy.item_table()
+    n = toy.NUM_ITEMS // 2
+    with strategy.scope():
+        model = make_model(n, "sharded", use_in_batch_negatives=False)
+        model.compile(tf.keras.optimizers.SGD(0.0))
+    reference = make_model(2 * n, "replicated", use_in_batch_negatives=False)
+    # Both built from the same seed: same towers.
+    reference.query_tower(tf.constant([0]))
+    reference.candidate_tower({k: tf.constant(v[:1]) for k, v in table.items()})
+    with strategy.scope():
+        model.query_tower(tf.constant([0]))
+        model.candidate_tower({k: tf.constant(v[:1]) for k, v in table.items()})
+    for a, b in zip(reference.trainable_variables, model.trainable_variables):
+        a.assign(b.numpy())
+
+    items = {k: tf.constant(v) for k, v in table.items()}
+    embeddings = reference.candidate_tower(items)
+    # Shard r holds items [r n, (r + 1) n); the reference holds all of them.
+    for r, shard in enumerate(model.task.cache.shards):
+        rows = slice(r * n, (r + 1) * n)
+        shard.insert({k: v[rows] for k, v in items.items()}, embeddings[rows], items["item_id"][rows])
+    reference.task.cache.insert(items, embeddings, items["item_id"])
+
+    batch = {k: v[:64] for k, v in toy.interactions(64, seed=5).items()}
+    dist = strategy.experimental_distribute_dataset(
+        tf.data.Dataset.from_tensor_slices(batch).batch(64))
+    dist_batch = next(iter(dist))
+
+    @tf.function
+    def dist_loss(features):
+        def step(f):
+            with model._tasks_in_training(model.cache_tasks()):  # pylint: disable=protected-access
+                loss = model.compute_loss(f, training=True)
+            model.task.pop_update()
+            return loss
+        return strategy.reduce("SUM", strategy.run(step, args=(features,)), axis=None)
+
+    with reference._tasks_in_training(reference.cache_tasks()):  # pylint: disable=protected-access
+        ref_loss = float(reference.compute_loss(batch, training=True))
+    reference.task.pop_update()
+    result = {"loss": float(dist_loss(dist_batch)), "ref_loss": ref_loss}
+
+    # Chi-square: one user repeated over the global batch, many steps; a low temperature
+    # makes the softmax far from uniform at initialization.
+    TEMPERATURE = 0.004  # pylint: disable=invalid-name
+    user = 7
+    queries = model.query_tower(tf.fill([64], user))
+    qdist = strategy.experimental_distribute_values_from_function(
+        lambda ctx: queries[ctx.replica_id_in_sync_group * 32:][:32])
+
+    @tf.function
+    def draw(q):
+        def one(q):
+            _, slots, owner, features, _ = tfnegcache.distribute.sharded_draw(
+                model.task.cache, q, 4, TEMPERATURE, None, None, draw=True)
+            return features["item_id"]
+        return strategy.gather(strategy.run(one, args=(q,)), axis=0)
+
+    counts = np.zeros(toy.NUM_ITEMS)
+    for step in range(60):
+        for shard in model.task.cache.shards:
+            shard.step.assign(step)
+        drawn = draw(qdist).numpy().ravel()
+        counts += np.bincount(drawn, minlength=toy.NUM_ITEMS)
+    scores = (embeddings.numpy() @ queries.numpy()[0]) / TEMPERATURE
+    probs = np.exp(scores - scores.max())
+    result["counts"] = counts.tolist()
+    result["probs"] = (probs / probs.sum()).tolist()
+
+    # Checkpoint: both shards saved and restored; training continues identically.
+    for shard in model.task.cache.shards:
+        shard.step.assign(0)
+    data = toy.interactions(64 * 6, seed=9)
+    with strategy.scope():
+        model.compile(tf.keras.optimizers.Adam(0.05))
+    model.fit(toy.dataset(data, 64).take(3), epochs=1, verbose=0)
+    path = os.path.join(os.path.dirname(out), "sharded-ckpt")
+    model.save_weights(path)
+    saved = cache_arrays(model.task.cache)
+    with strategy.scope():
+        restored = make_model(n, "sharded", use_in_batch_negatives=False)
+        restored.compile(tf.keras.optimizers.Adam(0.05))
+    restored.fit(toy.dataset(data, 64).take(1), epochs=1, verbose=0)  # build, then overwrite
+    restored.load_weights(path)
+    result["restored_equal"] = all(
+        np.array_equal(a, b) for k in saved
+        for a, b in zip(saved[k], cache_arrays(restored.task.cache)[k]))
+    more = toy.dataset(data, 64).skip(3)
+    model.fit(more, epochs=1, verbose=0)
+    restored.fit(more, epochs=1, verbose=0)
+    after_a, after_b = cache_arrays(model.task.cache), cache_arrays(restored.task.cache)
+    result["continued_diff"] = {
+        k: [float(np.abs(a.astype(np.float64) - b).max()) if a.dtype.kind in "fi" else
+            float(not np.array_equal(a, b)) for a, b in zip(after_a[k], after_b[k])]
+        for k in after_a}
+    result["continued_equal"] = all(
+        np.allclose(a, b, rtol=1e-6, atol=1e-6) if a.dtype.kind == "f" else np.array_equal(a, b)
+        for k in after_a for a, b in zip(after_a[k], after_b[k]))
+    result["shards_differ"] = not np.array_equal(after_a["ids:0"][0], after_a["ids:0"][1])
+    json.dump(result, open(out, "w"))
+
+
+# ------------------------------------------------------------------------------- replicated
+
+def replicated_identical(out):
+    """Replicated: the copies stay identical, and equal a single device on the global batch."""
+    split_cpu(2)
+    strategy = mirrored(2)
+    data = toy.interactions(64 * 8, seed=3)
+    result = {}
+    for lr in (0.0, 0.05):
+        with strategy.scope():
+            model = make_model(200)
+            model.compile(tf.keras.optimizers.Adam(lr) if lr else tf.keras.optimizers.SGD(0.0))
+        single = make_model(200)
+        single.compile(tf.keras.optimizers.Adam(lr) if lr else tf.keras.optimizers.SGD(0.0))
+        model.fit(toy.dataset(data, 64), epochs=1, verbose=0, shuffle=False)
+        single.fit(toy.dataset(data, 64), epochs=1, verbose=0, shuffle=False)
+        result[str(lr)] = {"dist": tolist(cache_arrays(model.task.cache)),
+                           "single": tolist(cache_arrays(single.task.cache))}
+    json.dump(result, open(out, "w"))
+
+
+def fit_recall(out, epochs, names="single,replicated,sharded"):
+    """Held-out recall@10 of fit under MirroredStrategy (2 replicas) and on one device."""
+    split_cpu(2)
+    train, held_out = toy.interactions(20000, seed=1), toy.interactions(4000, seed=2)
+    result = {}
+    for name in names.split(","):
+        if name == "single":
+            model = make_model(512)
+            model.compile(tf.keras.optimizers.Adam(0.05))
+        else:
+            with mirrored(2).scope():
+                model = make_model(512 if name == "replicated" else 256, layout=name)
+                model.compile(tf.keras.optimizers.Adam(0.05))
+        history = model.fit(toy.dataset(train, 128), epochs=int(epochs), verbose=0)
+        result[name] = {"recall": toy.recall_at(model, held_out),
+                        "loss": history.history["loss"]}
+    json.dump(result, open(out, "w"))
+
+
+# ------------------------------------------------------------------------------ multi-worker
+
+class CacheSnapshots(tf.keras.callbacks.Callback):
+    """Writes the cache at each epoch end (after BackupAndRestore's backup) and at train
+    begin (after its restore); optionally kills this worker at the start of an epoch."""
+
+    def __init__(self, directory, kill_at_epoch=None):
+        super().__init__()
+        self.directory, self.kill_at_epoch = directory, kill_at_epoch
+
+    def _dump(self, name):
+        arrays = {k: v[0] for k, v in cache_arrays(self.model.task.cache).items()}
+        np.savez(os.path.join(self.directory, name), **arrays)
+
+    def on_train_begin(self, logs=None):
+        self._dump("train_begin.npz")
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._dump(f"epoch_end_{epoch}.npz")
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if self.kill_at_epoch is not None and epoch == self.kill_at_epoch:
+            os._exit(17)  # pylint: disable=protected-access
+
+
+def worker(out, backup_dir, epochs, kill_at_epoch, layout="replicated"):
+    """One MultiWorkerMirroredStrategy worker (TF_CONFIG from the environment)."""
+    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    data = toy.interactions(64 * 2 * 12, seed=4)
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    dataset = toy.dataset(data, 128).with_options(options)
+    with strategy.scope():
+        model = make_model(300 if layout == "replicated" else 150, layout=layout)
+        model.compile(tf.keras.optimizers.Adam(0.05))
+    directory = os.path.dirname(out)
+    kill = int(kill_at_epoch) if kill_at_epoch != "none" else None
+    callbacks = [tf.keras.callbacks.BackupAndRestore(backup_dir),
+                 CacheSnapshots(directory, kill)]
+    history = model.fit(dataset, epochs=int(epochs), verbose=0, callbacks=callbacks)
+    json.dump({"loss": history.history["loss"],
+               "cache_step": int(cache_arrays(model.task.cache)["step:0"][0]),
+               "first_ids": cache_arrays(model.task.cache)["ids:0"][0][:8].tolist(),
+               "epochs_run": len(history.history["loss"])}, open(out, "w"))
+
+
+if __name__ == "__main__":
+    globals()[sys.argv[1]](*sys.argv[2:])
