@@ -101,6 +101,13 @@ def test_replicated_copies_stay_identical_and_equal_one_device(tmp_path):
             np.testing.assert_array_equal(copies[0], single, err_msg=f"lr={lr} {name}")
 
 
+def test_random_refresh_under_mirrored_strategy_refreshes_every_copy_and_shard(tmp_path):
+    result = run_scenario(tmp_path, "refresh_everything")
+    assert result["replicated"]["copies"] == 2 and result["sharded"]["copies"] == 2
+    for layout, found in result.items():
+        assert max(found["max_error"]) < 1e-5, (layout, found)
+
+
 def test_fit_under_mirrored_strategy_reaches_single_device_recall(tmp_path):
     result = run_scenario(tmp_path, "fit_recall", 2, timeout=540)
     single = result["single"]["recall"]
