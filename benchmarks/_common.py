@@ -101,7 +101,7 @@ class TwoTower(tfnegcache.CachedRetrievalModel):
 
     def __init__(self, tokens_per_candidate, cache_size=None, dim=64, logq=False, seed=0,
                  temperature=None, embedding_dtype=tf.float32, use_in_batch_negatives=True,
-                 normalize=False):
+                 normalize=False, num_negatives=1):
         super().__init__()
         tf.keras.utils.set_random_seed(seed)
         self.query_tower = TokenBagTower(dim, normalize=normalize, name="query_tower")
@@ -115,7 +115,7 @@ class TwoTower(tfnegcache.CachedRetrievalModel):
         self.task = tfnegcache.CacheRetrieval(
             cache=cache, temperature=temperature,
             candidate_model=lambda f: self.candidate_tower(f["candidate_tokens"]),
-            use_in_batch_negatives=use_in_batch_negatives)
+            use_in_batch_negatives=use_in_batch_negatives, num_negatives=num_negatives)
 
     def compute_loss(self, features, training=False):
         queries = self.query_tower(features["query_tokens"])

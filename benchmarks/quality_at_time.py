@@ -2,7 +2,8 @@
 
 Methods: `cache` (cache negatives + in-batch negatives), `cache+logq` (the same, with the logQ
 correction on the in-batch part; the cache part is an exact softmax and needs none),
-`inbatch`, `inbatch+logq`. Embeddings are unit-norm, scored with temperature 0.05.
+`cache-only` (the softmax over [positive, cache]: no in-batch negatives), `inbatch`,
+`inbatch+logq`. Embeddings are unit-norm, scored with temperature 0.05.
 
     python -m benchmarks.quality_at_time --seconds 120   # 2^20 candidates, cache 2^16
     python -m benchmarks.quality_at_time --quick         # a small smoke configuration
@@ -26,7 +27,7 @@ import tensorflow as tf
 
 from tfnegcache.datasets import synthetic
 
-METHODS = ("cache", "cache+logq", "inbatch", "inbatch+logq")
+METHODS = ("cache", "cache+logq", "cache-only", "inbatch", "inbatch+logq")
 
 
 def build(method, corpus, args):
@@ -34,7 +35,8 @@ def build(method, corpus, args):
         corpus.tokens_per_candidate, dim=args.dim, seed=args.seed,
         cache_size=args.cache_size if method.startswith("cache") else None,
         logq=method.endswith("+logq"), temperature=args.temperature,
-        normalize=not args.unnormalized)
+        normalize=not args.unnormalized, num_negatives=args.num_negatives,
+        use_in_batch_negatives=method != "cache-only")
     model.compile(optimizer=tf.keras.optimizers.Adam(args.learning_rate))
     return model
 
@@ -89,6 +91,8 @@ def main(argv=None):
     parser.add_argument("--unnormalized", action="store_true",
                         help="raw dot products (default: unit-norm embeddings / temperature)")
     parser.add_argument("--learning-rate", type=float, default=2e-3)
+    parser.add_argument("--num-negatives", type=int, default=1,
+                        help="k, negatives drawn from the cache per query")
     parser.add_argument("--query-item-tokens", type=int, default=2)
     parser.add_argument("--query-cluster-tokens", type=int, default=2)
     parser.add_argument("--num-test", type=int, default=1000)
@@ -120,7 +124,7 @@ def main(argv=None):
     by = {r["method"]: r for r in rows}
     targets = {}
     baselines = [by[m]["recall@10"] for m in ("inbatch", "inbatch+logq") if m in by]
-    for method in ("cache", "cache+logq"):
+    for method in ("cache", "cache+logq", "cache-only"):
         if method in by and baselines:
             best = max(baselines)
             ratio = by[method]["recall@10"] / best if best else None

@@ -238,3 +238,20 @@ def test_top_m_cache_logit_is_the_log_mass_of_the_top_m_only():
     top3 = np.sort(scores, axis=1)[:, -3:]
     np.testing.assert_allclose(columns[3], np.log(np.exp(top3).sum(1)), rtol=1e-5)
     assert np.all(columns[3] < columns[None])
+
+
+def test_update_with_a_non_finite_refresh_changes_nothing():
+    cache, tower = filled_cache(), encoder()
+    before = state(cache)
+
+    def poisoned(features):
+        return tower(features) * np.nan
+
+    new = items([25, 26])
+    with pytest.raises(tf.errors.InvalidArgumentError, match="refreshed embeddings"):
+        cache.update(insert=(new, tower(new), new["item_id"]),
+                     write_back=(tf.constant([0]), tf.ones([1, DIM]), tf.constant([True])),
+                     refresh=(4, poisoned))
+    for name, old in before.items():
+        np.testing.assert_array_equal(old, state(cache)[name], err_msg=name)
+    np.testing.assert_array_equal(cache.lookup(new["item_id"]).numpy(), [-1, -1])

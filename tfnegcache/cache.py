@@ -340,7 +340,10 @@ class NegativeCache(tf.keras.layers.Layer):
 
     # ------------------------------------------------------------------ writing
 
-    def _assert_finite(self, embeddings: tf.Tensor, what: str):
+    def assert_finite(self, embeddings: tf.Tensor, what: str) -> tf.Tensor:
+        """`embeddings`, checked: running it fails with `InvalidArgumentError` naming the cache
+        and `what` if any value is NaN or Inf. Writes made under its control dependency do
+        not happen then."""
         return tf.debugging.assert_all_finite(
             embeddings,
             f"{self.name}: refusing to write non-finite (NaN or Inf) {what} into the cache; "
@@ -363,7 +366,7 @@ class NegativeCache(tf.keras.layers.Layer):
             keep = tf.logical_and(keep, tf.reshape(valid, [-1]))
         slots = tf.boolean_mask(slots, keep)
         embeddings = tf.boolean_mask(embeddings, keep)
-        with tf.control_dependencies([self._assert_finite(embeddings, "write-back embeddings")]):
+        with tf.control_dependencies([self.assert_finite(embeddings, "write-back embeddings")]):
             self.embeddings.scatter_update(
                 tf.IndexedSlices(tf.cast(embeddings, self.embedding_dtype), slots))
             self.updated_at.scatter_update(
@@ -401,7 +404,7 @@ class NegativeCache(tf.keras.layers.Layer):
         features = self.check_features(features, num_rows)
         self.check_batch_fits(num_rows)
         checks = [
-            self._assert_finite(embeddings, "embeddings to insert"),
+            self.assert_finite(embeddings, "embeddings to insert"),
             tf.debugging.assert_equal(
                 tf.shape(embeddings)[0], tf.shape(ids)[0],
                 message="`embeddings` and `ids` to insert must have the same number of rows"),
@@ -443,22 +446,32 @@ class NegativeCache(tf.keras.layers.Layer):
           insert: `(features, embeddings, ids)` to `insert`, or None.
           write_back: `(slots, embeddings, valid)` for `write_embeddings`, or None. Written
             before the insert, so an insert that evicts a written slot wins.
-          refresh: `(num_slots, encoder)` for `refresh_random`, or None: after the insert,
-            `num_slots` filled slots chosen at random from (seed, step) are re-encoded.
+          refresh: `(num_slots, encoder)`, or None: `num_slots` filled slots chosen at random
+            from (seed, step) are re-encoded with `encoder` (the weights after the optimizer
+            step) and written after the write-back and before the insert, so an insert that
+            evicts a refreshed slot wins.
+
+        Every embedding to be written (refreshed ones included) is checked before the first
+        write: a non-finite value fails the update with `InvalidArgumentError` and changes
+        nothing.
         """
         checks = []
         if write_back is not None:
-            checks.append(self._assert_finite(write_back[1], "write-back embeddings"))
+            checks.append(self.assert_finite(write_back[1], "write-back embeddings"))
         if insert is not None:
-            checks.append(self._assert_finite(insert[1], "embeddings to insert"))
-        # Every check runs before the first write: a failed update changes nothing.
+            checks.append(self.assert_finite(insert[1], "embeddings to insert"))
+        refreshed = None
+        if refresh is not None and int(refresh[0]) > 0:
+            slots = refresh_lib.choose_refresh_slots(self, refresh[0])
+            refreshed = (slots, refresh_lib.encode_slots(self, slots, refresh[1]))
+            checks.append(self.assert_finite(refreshed[1], "refreshed embeddings"))
         with tf.control_dependencies(checks):
             if write_back is not None:
                 self.write_embeddings(*write_back)
+            if refreshed is not None:
+                self.write_embeddings(*refreshed)
             if insert is not None:
                 self.insert(*insert)
-            if refresh is not None and int(refresh[0]) > 0:
-                self.refresh_random(*refresh)
             self.step.assign_add(1)
         self._draws_this_step = 0
 

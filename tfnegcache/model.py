@@ -67,7 +67,7 @@ class CachedRetrievalModel(tfrs.Model):
 
         updates = [(task.cache, task.pop_update()) for task in tasks]
         checks = [
-            cache._assert_finite(rows, "embeddings")  # pylint: disable=protected-access
+            cache.assert_finite(rows, "embeddings")
             for cache, update in updates if update is not None
             for rows in update.embeddings()
         ]
@@ -98,6 +98,8 @@ class CachedRetrievalModel(tfrs.Model):
 
     def test_step(self, inputs):
         logs = super().test_step(inputs)
+        logs["loss"] = distribute.all_reduce_sum(logs["loss"])
+        logs["total_loss"] = logs["loss"] + logs["regularization_loss"]
         for task in self.cache_tasks():
             logs.pop(task.staleness.name, None)
         return logs
