@@ -255,3 +255,13 @@ def test_update_with_a_non_finite_refresh_changes_nothing():
     for name, old in before.items():
         np.testing.assert_array_equal(old, state(cache)[name], err_msg=name)
     np.testing.assert_array_equal(cache.lookup(new["item_id"]).numpy(), [-1, -1])
+
+
+def test_refresh_never_overwrites_a_slot_the_insert_just_filled():
+    cache, tower = filled_cache(size=20, num=20), encoder()
+    new = items([25, 26])
+    inserted = tf.constant(np.full([2, DIM], 7.0, np.float32))
+    cache.update(insert=(new, inserted, new["item_id"]), refresh=(20, tower))
+    np.testing.assert_array_equal(cache.ids.numpy()[:2], [25, 26])
+    np.testing.assert_array_equal(cache.embeddings.numpy()[:2], inserted.numpy())
+    assert_encoded(cache, tower, np.arange(2, 20))

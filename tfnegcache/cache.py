@@ -448,8 +448,8 @@ class NegativeCache(tf.keras.layers.Layer):
             before the insert, so an insert that evicts a written slot wins.
           refresh: `(num_slots, encoder)`, or None: `num_slots` filled slots chosen at random
             from (seed, step) are re-encoded with `encoder` (the weights after the optimizer
-            step) and written after the write-back and before the insert, so an insert that
-            evicts a refreshed slot wins.
+            step), encoded before any write and written last, except to slots whose
+            candidate the insert evicted.
 
         Every embedding to be written (refreshed ones included) is checked before the first
         write: a non-finite value fails the update with `InvalidArgumentError` and changes
@@ -463,15 +463,18 @@ class NegativeCache(tf.keras.layers.Layer):
         refreshed = None
         if refresh is not None and int(refresh[0]) > 0:
             slots = refresh_lib.choose_refresh_slots(self, refresh[0])
-            refreshed = (slots, refresh_lib.encode_slots(self, slots, refresh[1]))
-            checks.append(self.assert_finite(refreshed[1], "refreshed embeddings"))
+            refreshed = (slots, tf.gather(self.ids, slots),
+                         refresh_lib.encode_slots(self, slots, refresh[1]))
+            checks.append(self.assert_finite(refreshed[2], "refreshed embeddings"))
         with tf.control_dependencies(checks):
             if write_back is not None:
                 self.write_embeddings(*write_back)
-            if refreshed is not None:
-                self.write_embeddings(*refreshed)
             if insert is not None:
                 self.insert(*insert)
+            if refreshed is not None:
+                slots, ids_encoded, embeddings = refreshed
+                still_there = tf.equal(tf.gather(self.ids, slots), ids_encoded)
+                self.write_embeddings(slots, embeddings, valid=still_there)
             self.step.assign_add(1)
         self._draws_this_step = 0
 
