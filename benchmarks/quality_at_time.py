@@ -41,11 +41,16 @@ def build(method, corpus, args):
     return model
 
 
-def train_for(model, train, batch, seconds, max_steps):
-    """Runs train steps on consecutive batches until `seconds` of step time are spent."""
+def train_for(model, train, batch, seconds, max_steps, on_checkpoint=None, checkpoints=()):
+    """Runs train steps on consecutive batches until `seconds` of step time are spent.
+
+    `on_checkpoint(spent_seconds, steps)` is called (outside the timed steps) each time the
+    spent time passes one of `checkpoints` (seconds), for a recall-vs-seconds curve.
+    """
     step = tf.function(model.train_step)
     num = len(train["candidate_id"])
     spent, steps, logs = 0.0, 0, None
+    pending = sorted(checkpoints)
     while spent < seconds and steps < max_steps:
         start = (steps * batch) % (num - batch + 1)
         features = {k: tf.constant(v[start:start + batch]) for k, v in train.items()}
@@ -55,6 +60,8 @@ def train_for(model, train, batch, seconds, max_steps):
         if steps > 0:          # the first call traces: not training time
             spent += time.perf_counter() - began
         steps += 1
+        while pending and spent >= pending[0] and on_checkpoint is not None:
+            on_checkpoint(pending.pop(0), steps)
     return {"steps": steps, "train_seconds": spent, "final_loss": loss}
 
 
@@ -96,13 +103,15 @@ def main(argv=None):
     parser.add_argument("--query-item-tokens", type=int, default=2)
     parser.add_argument("--query-cluster-tokens", type=int, default=2)
     parser.add_argument("--num-test", type=int, default=1000)
+    parser.add_argument("--curve-points", type=int, default=6,
+                        help="evaluations along the run (untimed) for the recall-vs-seconds plot")
     parser.add_argument("--max-steps", type=int, default=10**9)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
     args = parser.parse_args(argv)
     if args.quick:
         args.log2n, args.cache_size, args.seconds, args.num_test = 12, 2**10, 1.0, 100
-        args.max_steps = 10
+        args.max_steps, args.curve_points = 10, 2
 
     corpus = synthetic.make_corpus(
         num_candidates=2**args.log2n, query_item_tokens=args.query_item_tokens,
@@ -114,10 +123,19 @@ def main(argv=None):
     rows = []
     for method in args.methods:
         model = build(method, corpus, args)
-        row = {"method": method}
-        row.update(train_for(model, train, args.batch, args.seconds, args.max_steps))
+        row = {"method": method, "curve": []}
+
+        def checkpoint(at_seconds, steps, model=model, row=row):
+            row["curve"].append({"seconds": at_seconds, "steps": steps,
+                                 **evaluate(model, corpus, test)})
+
+        marks = [args.seconds * (i + 1) / args.curve_points for i in range(args.curve_points - 1)]
+        row.update(train_for(model, train, args.batch, args.seconds, args.max_steps,
+                             checkpoint, marks))
         row["ms_per_step"] = 1e3 * row["train_seconds"] / max(1, row["steps"] - 1)
         row.update(evaluate(model, corpus, test))
+        row["curve"].append({"seconds": row["train_seconds"], "steps": row["steps"],
+                             "recall@10": row["recall@10"], "recall@100": row["recall@100"]})
         print(row, flush=True)
         rows.append(row)
 
@@ -137,15 +155,15 @@ def main(argv=None):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    x = np.arange(len(rows))
-    for i, k in enumerate(("recall@10", "recall@100")):
-        ax.bar(x + 0.4 * i - 0.2, [r[k] for r in rows], 0.4, label=k)
-    ax.set_xticks(x, [r["method"] for r in rows])
-    ax.set_ylabel("recall over all candidates")
-    ax.set_title(f"{args.seconds:g} s of training each, N=2^{args.log2n}, "
-                 f"cache {args.cache_size}")
-    ax.legend()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ax, k in zip(axes, ("recall@10", "recall@100")):
+        for r in rows:
+            ax.plot([c["seconds"] for c in r["curve"]], [c[k] for c in r["curve"]], "o-",
+                    label=r["method"])
+        ax.set_xlabel("training seconds")
+        ax.set_ylabel(f"held-out {k} over all candidates")
+        ax.set_title(f"N=2^{args.log2n}, cache {args.cache_size}")
+        ax.legend()
     fig.tight_layout()
     fig.savefig(_common.plot_path("quality_at_time"))
 
