@@ -8,9 +8,10 @@ correction on the in-batch part; the cache part is an exact softmax and needs no
     python -m benchmarks.quality_at_time --seconds 120   # 2^20 candidates, cache 2^16
     python -m benchmarks.quality_at_time --quick         # a small smoke configuration
 
-Each model (same towers as `benchmarks.step_time`, same batches in the same order) trains
-for the same number of seconds of training steps (data generation excluded), then is
-evaluated by brute force over ALL candidates: recall@10 and recall@100 of held-out queries.
+Each model (same towers as `benchmarks.step_time`, the same stream of fresh training
+queries in the same order, none repeated) trains for the same number of seconds of training
+steps (data generation excluded), evaluated along the way and at the end by brute force over
+ALL candidates: recall@10 and recall@100 of held-out queries.
 
 The corpus is made harder than `make_corpus`'s defaults (`--query-item-tokens 2`, more noise
 tokens): with 8 item tokens per query an in-batch model already finds the positive, and the
@@ -41,19 +42,21 @@ def build(method, corpus, args):
     return model
 
 
-def train_for(model, train, batch, seconds, max_steps, on_checkpoint=None, checkpoints=()):
-    """Runs train steps on consecutive batches until `seconds` of step time are spent.
+def train_for(model, corpus, batch, seconds, max_steps, on_checkpoint=None, checkpoints=()):
+    """Runs train steps on fresh batches of the corpus's query stream until `seconds` of step
+    time are spent. Batch i is queries [i B, (i + 1) B) of the stream, the same for every
+    method, and no query repeats: a faster method sees more data, never the same data twice
+    (a fixed training set would let the fastest method overfit within the budget).
 
     `on_checkpoint(spent_seconds, steps)` is called (outside the timed steps) each time the
     spent time passes one of `checkpoints` (seconds), for a recall-vs-seconds curve.
     """
     step = tf.function(model.train_step)
-    num = len(train["candidate_id"])
     spent, steps, logs = 0.0, 0, None
     pending = sorted(checkpoints)
     while spent < seconds and steps < max_steps:
-        start = (steps * batch) % (num - batch + 1)
-        features = {k: tf.constant(v[start:start + batch]) for k, v in train.items()}
+        queries = corpus.queries(batch, split="train", start=steps * batch)
+        features = {k: tf.constant(v) for k, v in queries.items()}
         began = time.perf_counter()
         logs = step(features)
         loss = float(logs["loss"])
@@ -116,8 +119,6 @@ def main(argv=None):
     corpus = synthetic.make_corpus(
         num_candidates=2**args.log2n, query_item_tokens=args.query_item_tokens,
         query_cluster_tokens=args.query_cluster_tokens, seed=args.seed)
-    # Enough training queries that no batch repeats within the budget.
-    train = corpus.queries(min(2**18, args.batch * 4000), split="train")
     test = corpus.queries(args.num_test, split="test")
 
     rows = []
@@ -130,7 +131,7 @@ def main(argv=None):
                                  **evaluate(model, corpus, test)})
 
         marks = [args.seconds * (i + 1) / args.curve_points for i in range(args.curve_points - 1)]
-        row.update(train_for(model, train, args.batch, args.seconds, args.max_steps,
+        row.update(train_for(model, corpus, args.batch, args.seconds, args.max_steps,
                              checkpoint, marks))
         row["ms_per_step"] = 1e3 * row["train_seconds"] / max(1, row["steps"] - 1)
         row.update(evaluate(model, corpus, test))
