@@ -105,6 +105,7 @@ def test_random_refresh_under_mirrored_strategy_refreshes_every_copy_and_shard(t
     result = run_scenario(tmp_path, "refresh_everything")
     assert result["replicated"]["copies"] == 2 and result["sharded"]["copies"] == 2
     for layout, found in result.items():
+        assert found["checked"] >= 64, (layout, found)   # most of the 128 slots per copy
         assert max(found["max_error"]) < 1e-5, (layout, found)
 
 
