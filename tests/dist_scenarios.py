@@ -268,6 +268,7 @@ def worker(out, backup_dir, epochs, kill_at_epoch, layout="replicated"):
     directory = os.path.dirname(out)
     kill = int(kill_at_epoch) if kill_at_epoch != "none" else None
     callbacks = [tf.keras.callbacks.BackupAndRestore(backup_dir),
+                 tfnegcache.ShardedCacheBackup(backup_dir),
                  CacheSnapshots(directory, kill)]
     history = model.fit(dataset, epochs=int(epochs), verbose=0, callbacks=callbacks)
     json.dump({"loss": history.history["loss"],

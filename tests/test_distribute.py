@@ -172,12 +172,13 @@ def test_multi_worker_fit_completes_with_the_same_loss_on_both_workers(tmp_path,
 
 
 @pytest.mark.slow
-def test_multi_worker_resumes_from_backup_with_the_cache_after_a_worker_dies(tmp_path):
+@pytest.mark.parametrize("layout", ["replicated", "sharded"])
+def test_multi_worker_resumes_from_backup_with_the_cache_after_a_worker_dies(tmp_path, layout):
     backup = tmp_path / "backup"
     # Worker 1 dies at the start of epoch 2 (after the backup of epoch 1); worker 0 then
     # blocks in a collective, so the whole job is stopped and restarted, as a cluster
     # manager would.
-    procs, _, logs = _workers(tmp_path, "first", backup, 4, kill_at=2)
+    procs, _, logs = _workers(tmp_path, "first", backup, 4, kill_at=2, layout=layout)
     deadline = time.monotonic() + 240
     while procs[1].poll() is None and time.monotonic() < deadline:
         time.sleep(1)
@@ -185,9 +186,10 @@ def test_multi_worker_resumes_from_backup_with_the_cache_after_a_worker_dies(tmp
     _wait(procs, 1)
     _close(logs)
     assert code == 17, (tmp_path / "first-w1" / "log").read_text()[-3000:]
-    backed_up = np.load(tmp_path / "first-w0" / "epoch_end_1.npz")
+    # Each worker's cache as backed up (replicated: the same on both; sharded: its own shard).
+    backed_up = [np.load(tmp_path / f"first-w{i}" / "epoch_end_1.npz") for i in (0, 1)]
 
-    procs, outs, logs = _workers(tmp_path, "second", backup, 4)
+    procs, outs, logs = _workers(tmp_path, "second", backup, 4, layout=layout)
     codes = _wait(procs, 300)
     _close(logs)
     assert codes == [0, 0], [(tmp_path / f"second-w{i}" / "log").read_text()[-3000:]
@@ -197,7 +199,10 @@ def test_multi_worker_resumes_from_backup_with_the_cache_after_a_worker_dies(tmp
     assert results[0]["epochs_run"] == 2, results
     for index in (0, 1):
         restored = np.load(tmp_path / f"second-w{index}" / "train_begin.npz")
-        for name in backed_up.files:
-            np.testing.assert_array_equal(restored[name], backed_up[name], err_msg=name)
+        for name in backed_up[index].files:
+            np.testing.assert_array_equal(restored[name], backed_up[index][name],
+                                          err_msg=f"worker {index} {name}")
+    if layout == "sharded":   # the two shards differ, so each worker got its own back
+        assert not np.array_equal(backed_up[0]["ids:0"], backed_up[1]["ids:0"])
     assert results[0]["cache_step"] == results[1]["cache_step"] == 4 * 12
     np.testing.assert_allclose(results[0]["loss"], results[1]["loss"], rtol=1e-6)

@@ -18,6 +18,7 @@ ensure_legacy_keras()
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from tfnegcache.cache import NegativeCache
+from tfnegcache.distribute import ShardedCacheBackup
 from tfnegcache.model import CachedRetrievalModel
 from tfnegcache.refresh import CacheRefreshCallback, warm_start
 from tfnegcache.retrieval import CacheRetrieval, CacheUpdate
@@ -32,6 +33,7 @@ __all__ = [
     "CacheUpdate",
     "CachedRetrievalModel",
     "NegativeCache",
+    "ShardedCacheBackup",
     "gumbel_max_sample",
     "sample_cache",
     "warm_start",

@@ -26,6 +26,7 @@ code.
 """
 
 import contextlib
+import os
 from typing import Optional
 
 import tensorflow as tf
@@ -276,3 +277,62 @@ def replica_values(variable):
     if values is None:
         return [variable.numpy()]
     return [v.numpy() for v in values]
+
+
+def _worker_index() -> int:
+    """This worker's index in a multi-worker cluster (0 on one machine)."""
+    resolver = getattr(tf.distribute.get_strategy(), "cluster_resolver", None)
+    task_id = getattr(resolver, "task_id", None)
+    return int(task_id or 0)
+
+
+class ShardedCacheBackup(tf.keras.callbacks.Callback):
+    """Backs up and restores each worker's own shards of sharded caches, beside
+    `tf.keras.callbacks.BackupAndRestore`.
+
+    Under `MultiWorkerMirroredStrategy`, `BackupAndRestore` saves the chief's checkpoint only
+    and restores every worker from it: a worker's shards (its own, unmirrored variables)
+    would come back as the chief's. This callback writes every worker's shards (variables
+    and id index) to `<backup_dir>/cache_shards/worker-<index>` at each epoch end, restores
+    them at train begin when that backup exists, and deletes it when training completes, as
+    `BackupAndRestore` does with its own. List it *after* `BackupAndRestore`, with the same
+    `backup_dir`, so its restore runs after the chief's:
+
+    ```python
+    callbacks = [tf.keras.callbacks.BackupAndRestore(backup_dir),
+                 tfnegcache.ShardedCacheBackup(backup_dir)]
+    ```
+
+    Replicated caches need nothing beyond `BackupAndRestore` (every copy is the same).
+    """
+
+    def __init__(self, backup_dir: str):
+        super().__init__()
+        self.backup_dir = backup_dir
+
+    def _caches(self):
+        from tfnegcache.cache import NegativeCache  # pylint: disable=import-outside-toplevel
+        return [layer for layer in self.model._flatten_layers(include_self=False)  # pylint: disable=protected-access
+                if isinstance(layer, NegativeCache) and layer.layout == "sharded"]
+
+    def _manager(self):
+        caches = self._caches()
+        if not caches:
+            return None
+        checkpoint = tf.train.Checkpoint(caches=[list(c.shards) for c in caches])
+        directory = os.path.join(self.backup_dir, "cache_shards", f"worker-{_worker_index()}")
+        return tf.train.CheckpointManager(checkpoint, directory, max_to_keep=1)
+
+    def on_train_begin(self, logs=None):
+        self._checkpoints = self._manager()
+        if self._checkpoints is not None and self._checkpoints.latest_checkpoint:
+            self._checkpoints.checkpoint.restore(
+                self._checkpoints.latest_checkpoint).assert_existing_objects_matched()
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self._checkpoints is not None:
+            self._checkpoints.save(checkpoint_number=epoch)
+
+    def on_train_end(self, logs=None):
+        if self._checkpoints is not None:
+            tf.io.gfile.rmtree(self._checkpoints.directory)
