@@ -486,13 +486,6 @@ class NegativeCache(tf.keras.layers.Layer):
         writes the embeddings; empty slots are skipped, nothing else changes."""
         refresh_lib.refresh_slots(self, slots, encoder)
 
-    def refresh_random(self, num_slots: int, encoder) -> tf.Tensor:
-        """Refreshes `num_slots` distinct filled slots drawn uniformly at random, stateless
-        from (seed, step) (`refresh.choose_refresh_slots`); returns the slots chosen."""
-        slots = refresh_lib.choose_refresh_slots(self, num_slots)
-        self.refresh(slots, encoder)
-        return slots
-
     def refresh_all(self, encoder, batch_size: int = 1024) -> int:
         """Re-encodes every filled slot, `batch_size` per encoder call; returns the count."""
         return refresh_lib.refresh_all(self, encoder, batch_size)

@@ -156,6 +156,20 @@ def _masked_scores(queries, embeddings, positions, slot_bias, excluded_slots, in
     return tf.where(eligible, scores, NEG_INF)
 
 
+def _map_chunks(one_chunk, num_chunks: int, output_spec, num_rows):
+    """`one_chunk(i)` for every chunk i, one after the other, each output `[B, w]` joined
+    along its second axis into `[B, num_chunks * w]` (a structure of outputs is joined
+    leaf by leaf)."""
+    if num_chunks == 1:
+        return one_chunk(0)
+    # A while loop with parallel_iterations=1 holds one tile at a time: peak memory does
+    # not grow with N.
+    stacked = tf.map_fn(one_chunk, tf.range(num_chunks), fn_output_signature=output_spec,
+                        parallel_iterations=1)
+    return tf.nest.map_structure(
+        lambda x: tf.reshape(tf.transpose(x, [1, 0, 2]), [num_rows, -1]), stacked)
+
+
 def block_log_masses(queries, embeddings, slot_bias, excluded_slots, inv_temperature,
                      plan: SamplerPlan) -> tf.Tensor:
     """Per-block `logsumexp` of masked scores, scoring one `[B, chunk]` tile at a time.
@@ -194,18 +208,8 @@ def block_log_masses(queries, embeddings, slot_bias, excluded_slots, inv_tempera
         tiles = tf.reshape(scores, [num_rows, plan.blocks_per_chunk, plan.block_size])
         return tf.reduce_logsumexp(tiles, axis=-1)
 
-    if plan.num_chunks == 1:
-        masses = one_chunk(0)
-    else:
-        # A while loop with parallel_iterations=1 holds one tile at a time: peak memory does
-        # not grow with N.
-        per_chunk = tf.map_fn(
-            one_chunk,
-            tf.range(plan.num_chunks),
-            fn_output_signature=tf.TensorSpec([None, plan.blocks_per_chunk], queries.dtype),
-            parallel_iterations=1,
-        )
-        masses = tf.reshape(tf.transpose(per_chunk, [1, 0, 2]), [num_rows, -1])
+    masses = _map_chunks(one_chunk, plan.num_chunks,
+                         tf.TensorSpec([None, plan.blocks_per_chunk], queries.dtype), num_rows)
     return masses[:, : plan.num_blocks]
 
 
@@ -313,17 +317,9 @@ def top_m_scores(queries, embeddings, slot_bias, excluded_slots, inv_temperature
         top = tf.math.top_k(scores, k=per_chunk, sorted=False)
         return top.values, tf.gather(positions, top.indices)
 
-    if num_chunks == 1:
-        values, slots = one_chunk(0)
-    else:
-        values, slots = tf.map_fn(
-            one_chunk, tf.range(num_chunks),
-            fn_output_signature=(tf.TensorSpec([None, per_chunk], queries.dtype),
-                                 tf.TensorSpec([None, per_chunk], tf.int32)),
-            parallel_iterations=1)
-        num_rows = tf.shape(queries)[0]
-        values = tf.reshape(tf.transpose(values, [1, 0, 2]), [num_rows, -1])
-        slots = tf.reshape(tf.transpose(slots, [1, 0, 2]), [num_rows, -1])
+    specs = (tf.TensorSpec([None, per_chunk], queries.dtype),
+             tf.TensorSpec([None, per_chunk], tf.int32))
+    values, slots = _map_chunks(one_chunk, num_chunks, specs, tf.shape(queries)[0])
     top = tf.math.top_k(values, k=m, sorted=True)
     slots = tf.minimum(tf.gather(slots, top.indices, batch_dims=1), num_slots - 1)
     return top.values, slots
