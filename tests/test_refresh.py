@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import scipy.special
 import scipy.stats
 import tensorflow as tf
 
@@ -184,13 +185,16 @@ class Recorder(tf.keras.losses.Loss):
         return tf.nn.softmax_cross_entropy_with_logits(y_true, y_pred)
 
 
-def test_logq_changes_only_the_in_batch_logits():
+def test_logq_masks_cached_in_batch_columns_and_weights_the_cache():
+    """logQ with a cache: in-batch columns get TFRS's `- log Q`, off-diagonal columns of cached
+    candidates are masked, and the cache's logit is its unmasked log-mass + log(n - 1)."""
     cache, tower = filled_cache(size=64, num=60), encoder()
     recorder = Recorder()
     task = tfnegcache.CacheRetrieval(loss=recorder, cache=cache, candidate_model=tower)
     rng = np.random.default_rng(2)
     queries = tf.constant(rng.normal(size=(8, DIM)), tf.float32)
-    feats = items(np.arange(100, 108))
+    ids = np.array([100, 3, 101, 7, 102, 103, 104, 105])      # 3 and 7 are cached
+    feats = items(ids)
     candidates = tower(feats)
     prob = tf.constant(rng.uniform(0.01, 0.5, size=8), tf.float32)
     results = []
@@ -199,9 +203,19 @@ def test_logq_changes_only_the_in_batch_logits():
              candidate_ids=feats["item_id"], candidate_features=feats, training=False)
         results.append(recorder.logits.numpy())
     plain, corrected = results
-    np.testing.assert_array_equal(plain[:, -1], corrected[:, -1])   # the cache's column
-    np.testing.assert_allclose(corrected[:, :-1], plain[:, :-1] - np.log(prob.numpy())[None],
-                               rtol=1e-5, atol=1e-5)
+    covered = np.isin(ids, [3, 7])
+    keep = np.eye(8, dtype=bool) | ~covered[None, :]
+    expected = np.where(keep, plain[:, :-1] - np.log(prob.numpy())[None], corrected[:, :-1])
+    np.testing.assert_allclose(corrected[:, :-1], expected, rtol=1e-5, atol=1e-5)
+    assert np.all(corrected[:, :-1][~keep] == tfnegcache.retrieval.MIN_FLOAT)
+    q, stale = queries.numpy(), cache.embeddings.numpy()[:60]
+    cached_ids = cache.ids.numpy()[:60]
+    for i in range(8):
+        # Without logQ the cache drops every in-batch id; with it, only row i's positive.
+        plain_mass = scipy.special.logsumexp((q[i] @ stale.T)[~np.isin(cached_ids, ids)])
+        logq_mass = scipy.special.logsumexp((q[i] @ stale.T)[cached_ids != ids[i]])
+        np.testing.assert_allclose(plain[i, -1], plain_mass, rtol=1e-5)
+        np.testing.assert_allclose(corrected[i, -1], logq_mass + np.log(7), rtol=1e-5)
 
 
 def test_callback_reencodes_every_filled_slot_and_leaves_empty_ones():

@@ -157,6 +157,64 @@ def test_mean_surrogate_gradient_is_the_full_softmax_gradient(use_in_batch, k):
     np.testing.assert_allclose(mean[~varying], exact.numpy()[~varying], atol=1e-4)
 
 
+def test_logq_with_a_partial_cache_is_unbiased_for_the_importance_weighted_softmax():
+    """logQ + cache: the mean surrogate gradient is the gradient of the softmax over
+    [positive - log Q, uncached in-batch negatives - log Q, the cache's mass + log(n - 1)]."""
+    num_items, temperature = 12, 2.0
+    task, tower, cache = make_task(cache_size=num_items, temperature=temperature, seed=4,
+                                   num_negatives=2)
+    cached = np.arange(8)
+    fill(cache, tower, cached)                    # fresh embeddings of items 0..7
+    ids = tf.constant([1, 6, 9, 10], tf.int64)    # 9 and 10 are not cached
+    probability = tf.constant([0.1, 0.05, 0.2, 0.02], tf.float32)
+    queries = tf.Variable(np.random.default_rng(9).normal(size=(4, DIM)).astype(np.float32))
+
+    with tf.GradientTape() as tape:               # the objective, with the exact cache sum
+        scores = tf.matmul(queries, tower.table, transpose_b=True) / temperature  # [4, 12]
+        in_batch = tf.gather(scores, ids, axis=1) - tf.math.log(probability)[None, :]
+        rows = []
+        for i in range(4):
+            kept = [in_batch[i, i]] + [in_batch[i, j] for j in range(4)
+                                       if j != i and int(ids[j]) not in cached]
+            others = [j for j in cached if j != int(ids[i])]
+            mass = tf.reduce_logsumexp(tf.gather(scores[i], others)) + np.log(3.0)
+            rows.append(tf.reduce_logsumexp(tf.stack(kept + [mass])) - in_batch[i, i])
+        reference = tf.add_n(rows)
+    exact = tf.concat([tf.reshape(g, [-1]) for g in
+                       tape.gradient(reference, [queries, tower.table])], 0).numpy()
+
+    features = {"item_id": ids}
+
+    @tf.function
+    def one(step):
+        cache.step.assign(step)
+        with tf.GradientTape() as tape:
+            loss = task(queries, tower(features), candidate_ids=ids, candidate_features=features,
+                        candidate_sampling_probability=probability, training=True)
+        task.pop_update()
+        grads = tape.gradient(loss, [queries, tower.table])
+        return loss, tf.concat([tf.reshape(g, [-1]) for g in grads], 0)
+
+    loss, _ = one(tf.constant(0, tf.int64))
+    np.testing.assert_allclose(loss.numpy(), reference.numpy(), rtol=1e-5)  # value: exact
+    draws = 3000
+    samples = np.stack([one(tf.constant(s, tf.int64))[1].numpy() for s in range(draws)])
+    mean, stderr = samples.mean(0), samples.std(0) / np.sqrt(draws)
+    varying = samples.std(0) > 1e-4
+    assert varying.sum() > 10
+    z = (mean - exact)[varying] / stderr[varying]
+    assert np.abs(z).max() < 4.5, np.abs(z).max()
+    np.testing.assert_allclose(mean[~varying], exact[~varying], atol=1e-4)
+
+
+def test_logq_without_in_batch_negatives_is_rejected():
+    task, tower, cache = make_task(use_in_batch_negatives=False)
+    queries, candidates, ids = batch(tower, [1, 2])
+    with pytest.raises(ValueError, match="use_in_batch_negatives=False"):
+        task(queries, candidates, candidate_ids=ids, candidate_features={"item_id": ids},
+             candidate_sampling_probability=tf.constant([0.5, 0.5]))
+
+
 def test_bad_task_arguments_and_inputs_are_rejected():
     task, tower, cache = make_task()
     with pytest.raises(ValueError, match="num_negatives"):

@@ -108,9 +108,10 @@ class CacheRetrieval(tfrs.tasks.Retrieval):
         Args:
           loss, metrics, batch_metrics, loss_metrics, temperature, num_hard_negatives,
           remove_accidental_hits, name: as in `tfrs.tasks.Retrieval`. `batch_metrics`,
-            `num_hard_negatives`, `remove_accidental_hits` and `candidate_sampling_probability`
-            (the logQ correction) act on the in-batch negatives only: the cache part is an
-            exact softmax over the cache, so it needs no sampling correction.
+            `num_hard_negatives` and `remove_accidental_hits` act on the in-batch negatives
+            only. `candidate_sampling_probability` (the logQ correction, a `call` argument)
+            also changes how the cache is combined with the in-batch negatives: see "logQ
+            with a cache" below.
           cache: the `NegativeCache` to draw negatives from; None disables it (then this is
             `tfrs.tasks.Retrieval`).
           candidate_model: maps a dict of cached candidate features (`[M, ...]` per key of the
@@ -137,17 +138,29 @@ class CacheRetrieval(tfrs.tasks.Retrieval):
           write_back: write the re-encoded negatives' fresh embeddings back into the cache
             (the default refresh policy). False leaves sampled slots stale.
 
-        Why logQ touches only the in-batch part: in-batch negatives are the other queries'
-        positives, so candidate j appears as a negative with probability ~ Q_j (its
-        popularity); `s - log Q_j` corrects that sampling bias of the in-batch softmax. The
-        cache part is not a popularity sample of negatives: its log-mass `M_i` sums over
-        every cached candidate exactly, and the Gumbel draw is only a Monte-Carlo estimate
-        of the gradient of that exact sum, drawn from the cache softmax itself (so no
-        reweighting is due; subtracting `log Q` there would change the softmax being
-        estimated). The cache's column of the logits is therefore the same with or without
-        `candidate_sampling_probability` (tested). (Which candidates a FIFO cache *holds* is
-        popularity-biased when it is smaller than the corpus; see below. logQ on the cached
-        logits would not correct that either.)
+        logQ with a cache. Without `candidate_sampling_probability` the in-batch negatives
+        are exact terms: the softmax is over [positive, in-batch negatives, the cache minus
+        the batch's candidates], each candidate counted once. With it, the in-batch columns
+        get TFRS's correction `s_ij - log Q_j` (positive included), which makes them
+        importance samples: with n in-batch candidates, `sum_{j != i} exp(s_ij) / Q_j`
+        estimates `(n - 1)` times the softmax mass of the whole corpus. The cache's mass must
+        enter on that scale, and must not be counted twice, so the task then
+          - keeps in-batch column j of row i only if j is the positive or candidate j is
+            not cached (the uncached mass is what the samples estimate), and
+          - gives the cache the logit `M_i + log(n - 1)`, `M_i` now over every cached
+            candidate but query i's own positive.
+        The denominator estimates `(n - 1) x` (cached mass, exact and stale + uncached
+        mass, importance-sampled), the quantity TFRS's logQ softmax estimates with in-batch
+        negatives alone: with an empty cache the loss is TFRS's exactly, and with a cache
+        of the whole corpus it is the full softmax with TFRS's logQ offset on the positive.
+        `Q_j` must then be a probability (the chance that one in-batch candidate is j,
+        summing to 1 over the corpus), not just proportional to one: TFRS alone is
+        indifferent to its scale, the cache's weight is not. (Added unscaled, the cache's
+        log-mass would be about `1 / ((n - 1) Q)` times too light next to the corrected
+        columns, and the cache would barely touch the loss.) With
+        `use_in_batch_negatives=False` there are no samples to correct, and passing
+        `candidate_sampling_probability` is an error. Not supported with a sharded cache
+        (which cannot tell locally whether an in-batch candidate is cached anywhere).
 
         What the cached softmax estimates when the cache holds a subset of a larger corpus:
         the softmax over [positive, in-batch, the cached subset]. Its loss and gradient are
@@ -204,8 +217,13 @@ class CacheRetrieval(tfrs.tasks.Retrieval):
         return update
 
     def _in_batch_logits(self, query_embeddings, candidate_embeddings, candidate_sampling_probability,
-                         candidate_ids, score_mask):
-        """Scores and labels over the in-batch candidates, as `tfrs.tasks.Retrieval` makes them."""
+                         candidate_ids, score_mask, covered=None):
+        """Scores and labels over the in-batch candidates, as `tfrs.tasks.Retrieval` makes them.
+
+        `covered`: optional `[num_candidates]` bool, candidates the cache holds (logQ with a
+        cache): their columns are masked except where they are the row's positive, since the
+        cache's exact sum already counts them.
+        """
         scores = tf.linalg.matmul(query_embeddings, candidate_embeddings, transpose_b=True)
         labels = tf.eye(tf.shape(scores)[0], tf.shape(scores)[1])
         if self._temperature is not None:
@@ -215,12 +233,28 @@ class CacheRetrieval(tfrs.tasks.Retrieval):
                 scores, candidate_sampling_probability)
         if self._remove_accidental_hits:
             scores = tfrs.layers.loss.RemoveAccidentalHits()(labels, scores, candidate_ids)
+        if covered is not None:
+            keep = tf.logical_or(labels > 0, tf.logical_not(covered)[None, :])
+            scores = tf.where(keep, scores, MIN_FLOAT)
         if score_mask is not None:
             scores = tf.where(score_mask, scores, MIN_FLOAT)
         if self._num_hard_negatives is not None:
             scores, labels = tfrs.layers.loss.HardNegativeMining(self._num_hard_negatives)(
                 scores, labels)
         return scores, labels
+
+    def _importance_weighting(self, candidate_ids):
+        """logQ with a cache: which in-batch candidates the cache covers, and the cache's
+        log-weight `log(num_candidates - 1)` (see `__init__`, "logQ with a cache")."""
+        if self.cache.layout == "sharded":
+            raise ValueError(
+                "`candidate_sampling_probability` (logQ) with in-batch negatives needs to know "
+                "which in-batch candidates the whole cache holds, which a sharded cache cannot "
+                "answer locally (not implemented). Received layout='sharded'; use "
+                "layout='replicated', or use_in_batch_negatives=False, or no logQ.")
+        covered = self.cache.lookup(candidate_ids) >= 0
+        num_samples = tf.maximum(tf.size(candidate_ids) - 1, 1)
+        return covered, tf.math.log(tf.cast(num_samples, tf.float32))
 
     def _check_inputs(self, query_embeddings, candidate_embeddings, candidate_ids,
                       candidate_features):
@@ -244,13 +278,19 @@ class CacheRetrieval(tfrs.tasks.Retrieval):
         self.cache.check_batch_fits(num_rows)
         return candidate_ids, features
 
-    def _cache_logit(self, query_embeddings, candidate_ids, training):
-        """The cache's column of the logits, `[B]`, and the update the step asks for."""
+    def _cache_logit(self, query_embeddings, candidate_ids, training, log_weight=None):
+        """The cache's column of the logits, `[B]`, and the update the step asks for.
+
+        `log_weight`: None (the in-batch negatives are exact terms: the cache masks them), or
+        a scalar added to the log-mass (logQ: in-batch negatives are importance samples of the
+        uncached mass, the cache keeps them and excludes only each query's own positive).
+        """
         cache, k = self.cache, self.num_negatives
         num_queries = tf.shape(query_embeddings)[0]
         positives = candidate_ids[:num_queries]
-        masked_ids = candidate_ids if self.use_in_batch_negatives else None
-        excluded_ids = None if self.use_in_batch_negatives else positives
+        exact_in_batch = self.use_in_batch_negatives and log_weight is None
+        masked_ids = candidate_ids if exact_in_batch else None
+        excluded_ids = None if exact_in_batch else positives
         owner = None
         if cache.layout == "sharded":
             log_mass, slots, owner, features, stale = distribute.sharded_draw(
@@ -263,6 +303,8 @@ class CacheRetrieval(tfrs.tasks.Retrieval):
                 top_m=self.top_m)
             log_mass, slots = draw.log_mass, draw.slots
         has_mass = tf.math.is_finite(log_mass)
+        if log_weight is not None:
+            log_mass = log_mass + tf.cast(log_weight, log_mass.dtype)
         log_mass = tf.stop_gradient(tf.where(has_mass, log_mass, MIN_FLOAT))
         if not training:
             return log_mass, None
@@ -336,10 +378,19 @@ class CacheRetrieval(tfrs.tasks.Retrieval):
         candidate_ids, features = self._check_inputs(
             query_embeddings, candidate_embeddings, candidate_ids, candidate_features)
 
+        covered, log_weight = None, None
+        if not self.use_in_batch_negatives and candidate_sampling_probability is not None:
+            raise ValueError(
+                "`candidate_sampling_probability` (logQ) corrects the sampling of in-batch "
+                "negatives, but this task has use_in_batch_negatives=False: its softmax is over "
+                "[positive, cache], which needs no correction. Received a sampling probability; "
+                "drop it, or set use_in_batch_negatives=True.")
+        if self.use_in_batch_negatives and candidate_sampling_probability is not None:
+            covered, log_weight = self._importance_weighting(candidate_ids)
         if self.use_in_batch_negatives:
             scores, labels = self._in_batch_logits(
                 query_embeddings, candidate_embeddings, candidate_sampling_probability,
-                candidate_ids, score_mask)
+                candidate_ids, score_mask, covered)
         else:
             num_queries = tf.shape(query_embeddings)[0]
             scores = tf.reduce_sum(
@@ -347,7 +398,8 @@ class CacheRetrieval(tfrs.tasks.Retrieval):
             if self._temperature is not None:
                 scores = scores / self._temperature
             labels = tf.ones_like(scores)
-        cache_logit, write_back = self._cache_logit(query_embeddings, candidate_ids, training)
+        cache_logit, write_back = self._cache_logit(query_embeddings, candidate_ids, training,
+                                                    log_weight)
         all_scores = tf.concat([scores, cache_logit[:, None]], axis=1)
         all_labels = tf.concat([labels, tf.zeros_like(labels[:, :1])], axis=1)
         loss = self._loss(y_true=all_labels, y_pred=all_scores, sample_weight=sample_weight)
