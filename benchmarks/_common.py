@@ -97,16 +97,22 @@ class TwoTower(tfnegcache.CachedRetrievalModel):
 
     `cache_size=None`: in-batch negatives only (`logq` adds the logQ correction).
     `normalize`: unit-norm embeddings (use with a temperature).
+    `all_candidate_tokens`: `[N, T]`, the whole corpus (ids are row numbers): the exact full
+    softmax, every candidate through the candidate tower each step (no cache, no sampling).
     """
 
     def __init__(self, tokens_per_candidate, cache_size=None, dim=64, logq=False, seed=0,
                  temperature=None, embedding_dtype=tf.float32, use_in_batch_negatives=True,
-                 normalize=False, num_negatives=1):
+                 normalize=False, num_negatives=1, refresh_per_step=0, all_candidate_tokens=None):
         super().__init__()
         tf.keras.utils.set_random_seed(seed)
         self.query_tower = TokenBagTower(dim, normalize=normalize, name="query_tower")
         self.candidate_tower = TokenBagTower(dim, normalize=normalize, name="candidate_tower")
         self.logq = logq
+        self.temperature = temperature
+        self.all_candidate_tokens = None
+        if all_candidate_tokens is not None:
+            self.all_candidate_tokens = tf.constant(all_candidate_tokens)
         cache = None
         if cache_size:
             spec = {"candidate_tokens": tf.TensorSpec([tokens_per_candidate], tf.int32)}
@@ -115,10 +121,17 @@ class TwoTower(tfnegcache.CachedRetrievalModel):
         self.task = tfnegcache.CacheRetrieval(
             cache=cache, temperature=temperature,
             candidate_model=lambda f: self.candidate_tower(f["candidate_tokens"]),
-            use_in_batch_negatives=use_in_batch_negatives, num_negatives=num_negatives)
+            use_in_batch_negatives=use_in_batch_negatives, num_negatives=num_negatives,
+            refresh_per_step=refresh_per_step)
 
     def compute_loss(self, features, training=False):
         queries = self.query_tower(features["query_tokens"])
+        if self.all_candidate_tokens is not None:
+            everything = self.candidate_tower(self.all_candidate_tokens)
+            logits = tf.matmul(queries, everything, transpose_b=True) / (self.temperature or 1.0)
+            # Summed over the batch, as tfrs.tasks.Retrieval's default loss is.
+            return tf.reduce_sum(tf.nn.sparse_softmax_cross_entropy_with_logits(
+                labels=features["candidate_id"], logits=logits))
         candidates = self.candidate_tower(features["candidate_tokens"])
         kwargs = {}
         if self.logq:

@@ -31,3 +31,45 @@ def test_quick_benchmark_writes_json_and_plot(name, tmp_path):
     assert result["machine"]["cpus"] >= 1
     assert "targets" in result
     assert "wrote" in proc.stdout
+
+
+def test_quick_quality_per_step_trains_every_method_the_same_steps(tmp_path):
+    env = dict(os.environ, TFNEGCACHE_BENCHMARK_DIR=str(tmp_path), TF_CPP_MIN_LOG_LEVEL="2",
+               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    methods = ["inbatch+logq", "cache-only", "full-softmax"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.quality_at_time", "--quick", "--equal-steps", "10",
+         "--methods", *methods], cwd=ROOT, env=env, capture_output=True, text=True,
+        timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(tmp_path / "quality_per_step.json", encoding="utf-8") as f:
+        result = json.load(f)
+    assert (tmp_path / "quality_per_step.png").stat().st_size > 0
+    assert [r["method"] for r in result["rows"]] == methods
+    assert [r["steps"] for r in result["rows"]] == [10, 10, 10]
+    assert 0.0 < result["same_fine_cluster_rate"] < 1.0
+
+
+def test_same_fine_cluster_rate_matches_simulated_batches():
+    """The benchmark's printed rate against batches drawn by popularity (fixed seed)."""
+    import numpy as np
+
+    from benchmarks import quality_at_time
+    from tfnegcache.datasets import synthetic
+
+    corpus = synthetic.make_corpus(num_candidates=2**12, num_coarse=4, fine_per_coarse=4,
+                                   popularity_exponent=1.0, seed=3)
+    test = corpus.queries(300, split="test")
+    batch = 16
+    rate = quality_at_time.same_fine_cluster_rate(corpus, test, batch)
+    rng = np.random.default_rng(0)
+    trials = 400
+    hits = 0
+    for positive in test["candidate_id"]:
+        draws = rng.choice(corpus.num_candidates, size=(trials, batch - 1), p=corpus.popularity)
+        same = (corpus.fine_cluster[draws] == corpus.fine_cluster[positive]) & (draws != positive)
+        hits += same.any(axis=1).sum()
+    simulated = hits / (trials * len(test["candidate_id"]))
+    # 120k Bernoulli trials: the standard error is about 0.0014.
+    assert abs(rate - simulated) < 0.006, (rate, simulated)
+    assert 0.3 < rate < 0.9  # 16 fine clusters and 15 negatives: neither rare nor certain
