@@ -145,6 +145,7 @@ def main(argv=None):
     parser.add_argument("--fine-per-coarse", type=int, default=64)
     parser.add_argument("--cluster-tokens", type=int, default=2,
                         help="tokens owned by each coarse and each fine cluster")
+    parser.add_argument("--popularity-exponent", type=float, default=0.8)
     parser.add_argument("--equal-steps", type=int, default=0,
                         help="train every method for this many steps instead of --seconds")
     parser.add_argument("--refresh-per-step", type=int, default=0,
@@ -174,7 +175,8 @@ def main(argv=None):
         num_candidates=num_candidates, num_coarse=num_fine // args.fine_per_coarse,
         fine_per_coarse=args.fine_per_coarse, cluster_tokens=args.cluster_tokens,
         query_item_tokens=args.query_item_tokens,
-        query_cluster_tokens=args.query_cluster_tokens, seed=args.seed)
+        query_cluster_tokens=args.query_cluster_tokens,
+        popularity_exponent=args.popularity_exponent, seed=args.seed)
     test = corpus.queries(args.num_test, split="test")
     same_fine = same_fine_cluster_rate(corpus, test, args.batch)
     print(f"N={num_candidates}: {num_fine} fine clusters of {num_candidates // num_fine}; "
