@@ -99,15 +99,19 @@ class TwoTower(tfnegcache.CachedRetrievalModel):
     `normalize`: unit-norm embeddings (use with a temperature).
     `all_candidate_tokens`: `[N, T]`, the whole corpus (ids are row numbers): the exact full
     softmax, every candidate through the candidate tower each step (no cache, no sampling).
+    `buckets`, `hidden`: both towers' hash table rows and MLP width (capacity).
     """
 
     def __init__(self, tokens_per_candidate, cache_size=None, dim=64, logq=False, seed=0,
                  temperature=None, embedding_dtype=tf.float32, use_in_batch_negatives=True,
-                 normalize=False, num_negatives=1, refresh_per_step=0, all_candidate_tokens=None):
+                 normalize=False, num_negatives=1, refresh_per_step=0, all_candidate_tokens=None,
+                 buckets=HASH_BUCKETS, hidden=128):
         super().__init__()
         tf.keras.utils.set_random_seed(seed)
-        self.query_tower = TokenBagTower(dim, normalize=normalize, name="query_tower")
-        self.candidate_tower = TokenBagTower(dim, normalize=normalize, name="candidate_tower")
+        self.query_tower = TokenBagTower(dim, buckets, hidden, normalize=normalize,
+                                         name="query_tower")
+        self.candidate_tower = TokenBagTower(dim, buckets, hidden, normalize=normalize,
+                                             name="candidate_tower")
         self.logq = logq
         self.temperature = temperature
         self.all_candidate_tokens = None

@@ -50,7 +50,8 @@ def build(method, corpus, args):
         model = _common.TwoTower(
             corpus.tokens_per_candidate, dim=args.dim, seed=args.seed,
             temperature=args.temperature, normalize=not args.unnormalized,
-            all_candidate_tokens=corpus.candidate_tokens)
+            all_candidate_tokens=corpus.candidate_tokens, buckets=args.hash_buckets,
+            hidden=args.hidden)
         model.compile(optimizer=tf.keras.optimizers.Adam(args.learning_rate))
         return model
     model = _common.TwoTower(
@@ -59,7 +60,8 @@ def build(method, corpus, args):
         logq=method.endswith("+logq"), temperature=args.temperature,
         normalize=not args.unnormalized, num_negatives=args.num_negatives,
         use_in_batch_negatives=method != "cache-only",
-        refresh_per_step=args.refresh_per_step if method.startswith("cache") else 0)
+        refresh_per_step=args.refresh_per_step if method.startswith("cache") else 0,
+        buckets=args.hash_buckets, hidden=args.hidden)
     model.compile(optimizer=tf.keras.optimizers.Adam(args.learning_rate))
     return model
 
@@ -132,6 +134,9 @@ def main(argv=None):
     parser.add_argument("--cache-size", type=int, default=2**16)
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--dim", type=int, default=64)
+    parser.add_argument("--hash-buckets", type=int, default=_common.HASH_BUCKETS,
+                        help="rows of each tower's hashed token table")
+    parser.add_argument("--hidden", type=int, default=128, help="each tower's MLP width")
     parser.add_argument("--temperature", type=float, default=0.05)
     parser.add_argument("--unnormalized", action="store_true",
                         help="raw dot products (default: unit-norm embeddings / temperature)")

@@ -73,3 +73,22 @@ def test_same_fine_cluster_rate_matches_simulated_batches():
     # 120k Bernoulli trials: the standard error is about 0.0014.
     assert abs(rate - simulated) < 0.006, (rate, simulated)
     assert 0.3 < rate < 0.9  # 16 fine clusters and 15 negatives: neither rare nor certain
+
+
+def test_benchmark_towers_take_their_capacity_from_the_arguments():
+    """`--hash-buckets` and `--hidden` reach both towers (the capacity probes in README)."""
+    import numpy as np
+
+    from benchmarks import _common
+
+    model = _common.TwoTower(8, dim=12, buckets=300, hidden=20, normalize=True)
+    tokens = np.array([[1, 299, 300, 601, 5, 6, 7, 8]], dtype=np.int32)
+    for tower in (model.query_tower, model.candidate_tower):
+        out = tower(tokens)
+        assert out.shape == (1, 12)
+        assert tower.table.input_dim == 300 and tower.hidden.units == 20
+        np.testing.assert_allclose(np.linalg.norm(out.numpy(), axis=-1), 1.0, rtol=1e-5)
+    # Tokens hash modulo the bucket count: 1, 301 and 601 share a row.
+    same = model.query_tower(np.array([[1, 1, 1, 1, 1, 1, 1, 1]], dtype=np.int32))
+    alias = model.query_tower(np.array([[301, 601, 1, 301, 601, 1, 301, 601]], dtype=np.int32))
+    np.testing.assert_allclose(same.numpy(), alias.numpy(), rtol=1e-6)
