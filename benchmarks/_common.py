@@ -68,6 +68,7 @@ def table(rows, columns):
 
 
 HASH_BUCKETS = 2**14
+HIDDEN_UNITS = 128
 
 
 class TokenBagTower(tf.keras.Model):
@@ -77,7 +78,8 @@ class TokenBagTower(tf.keras.Model):
     update of a 2^16-row table costs more than the towers themselves.
     """
 
-    def __init__(self, dim=64, buckets=HASH_BUCKETS, hidden=128, normalize=False, name=None):
+    def __init__(self, dim=64, buckets=HASH_BUCKETS, hidden=HIDDEN_UNITS, normalize=False,
+                 name=None):
         super().__init__(name=name)
         self.normalize = normalize
         self.buckets = buckets
@@ -105,7 +107,7 @@ class TwoTower(tfnegcache.CachedRetrievalModel):
     def __init__(self, tokens_per_candidate, cache_size=None, dim=64, logq=False, seed=0,
                  temperature=None, embedding_dtype=tf.float32, use_in_batch_negatives=True,
                  normalize=False, num_negatives=1, refresh_per_step=0, all_candidate_tokens=None,
-                 buckets=HASH_BUCKETS, hidden=128):
+                 buckets=HASH_BUCKETS, hidden=HIDDEN_UNITS):
         super().__init__()
         tf.keras.utils.set_random_seed(seed)
         self.query_tower = TokenBagTower(dim, buckets, hidden, normalize=normalize,

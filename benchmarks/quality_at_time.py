@@ -46,22 +46,19 @@ DEFAULT_METHODS = ("cache", "cache+logq", "cache-only", "inbatch", "inbatch+logq
 
 
 def build(method, corpus, args):
+    towers = dict(dim=args.dim, seed=args.seed, temperature=args.temperature,
+                  normalize=not args.unnormalized, buckets=args.hash_buckets, hidden=args.hidden)
     if method == "full-softmax":
+        model = _common.TwoTower(corpus.tokens_per_candidate,
+                                 all_candidate_tokens=corpus.candidate_tokens, **towers)
+    else:
         model = _common.TwoTower(
-            corpus.tokens_per_candidate, dim=args.dim, seed=args.seed,
-            temperature=args.temperature, normalize=not args.unnormalized,
-            all_candidate_tokens=corpus.candidate_tokens, buckets=args.hash_buckets,
-            hidden=args.hidden)
-        model.compile(optimizer=tf.keras.optimizers.Adam(args.learning_rate))
-        return model
-    model = _common.TwoTower(
-        corpus.tokens_per_candidate, dim=args.dim, seed=args.seed,
-        cache_size=args.cache_size if method.startswith("cache") else None,
-        logq=method.endswith("+logq"), temperature=args.temperature,
-        normalize=not args.unnormalized, num_negatives=args.num_negatives,
-        use_in_batch_negatives=method != "cache-only",
-        refresh_per_step=args.refresh_per_step if method.startswith("cache") else 0,
-        buckets=args.hash_buckets, hidden=args.hidden)
+            corpus.tokens_per_candidate,
+            cache_size=args.cache_size if method.startswith("cache") else None,
+            logq=method.endswith("+logq"), num_negatives=args.num_negatives,
+            use_in_batch_negatives=method != "cache-only",
+            refresh_per_step=args.refresh_per_step if method.startswith("cache") else 0,
+            **towers)
     model.compile(optimizer=tf.keras.optimizers.Adam(args.learning_rate))
     return model
 
@@ -126,7 +123,7 @@ def same_fine_cluster_rate(corpus, test, batch):
     return float(np.mean(1.0 - (1.0 - others) ** (batch - 1)))
 
 
-def main(argv=None):
+def make_parser():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--seconds", type=float, default=120.0)
@@ -136,7 +133,8 @@ def main(argv=None):
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--hash-buckets", type=int, default=_common.HASH_BUCKETS,
                         help="rows of each tower's hashed token table")
-    parser.add_argument("--hidden", type=int, default=128, help="each tower's MLP width")
+    parser.add_argument("--hidden", type=int, default=_common.HIDDEN_UNITS,
+                        help="each tower's MLP width")
     parser.add_argument("--temperature", type=float, default=0.05)
     parser.add_argument("--unnormalized", action="store_true",
                         help="raw dot products (default: unit-norm embeddings / temperature)")
@@ -161,6 +159,11 @@ def main(argv=None):
     parser.add_argument("--max-steps", type=int, default=10**9)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=METHODS)
+    return parser
+
+
+def main(argv=None):
+    parser = make_parser()
     args = parser.parse_args(argv)
     if args.quick:
         args.log2n, args.cache_size, args.seconds, args.num_test = 12, 2**10, 1.0, 100

@@ -75,20 +75,25 @@ def test_same_fine_cluster_rate_matches_simulated_batches():
     assert 0.3 < rate < 0.9  # 16 fine clusters and 15 negatives: neither rare nor certain
 
 
-def test_benchmark_towers_take_their_capacity_from_the_arguments():
-    """`--hash-buckets` and `--hidden` reach both towers (the capacity probes in README)."""
+def test_hash_buckets_and_hidden_flags_reach_both_towers_of_every_method():
+    """`--hash-buckets` and `--hidden` (the capacity probes in README) size both towers, for
+    every method `build` makes, and tokens hash modulo the bucket count."""
     import numpy as np
 
-    from benchmarks import _common
+    from benchmarks import quality_at_time
+    from tfnegcache.datasets import synthetic
 
-    model = _common.TwoTower(8, dim=12, buckets=300, hidden=20, normalize=True)
-    tokens = np.array([[1, 299, 300, 601, 5, 6, 7, 8]], dtype=np.int32)
-    for tower in (model.query_tower, model.candidate_tower):
-        out = tower(tokens)
-        assert out.shape == (1, 12)
-        assert tower.table.input_dim == 300 and tower.hidden.units == 20
-        np.testing.assert_allclose(np.linalg.norm(out.numpy(), axis=-1), 1.0, rtol=1e-5)
-    # Tokens hash modulo the bucket count: 1, 301 and 601 share a row.
-    same = model.query_tower(np.array([[1, 1, 1, 1, 1, 1, 1, 1]], dtype=np.int32))
+    args = quality_at_time.make_parser().parse_args(
+        ["--hash-buckets", "300", "--hidden", "20", "--dim", "12", "--cache-size", "64"])
+    corpus = synthetic.make_corpus(num_candidates=2**8, num_coarse=2, fine_per_coarse=2)
+    for method in quality_at_time.METHODS:
+        model = quality_at_time.build(method, corpus, args)
+        for tower in (model.query_tower, model.candidate_tower):
+            out = tower(corpus.candidate_tokens[:3])
+            assert out.shape == (3, 12), method
+            assert tower.table.input_dim == 300 and tower.hidden.units == 20, method
+            np.testing.assert_allclose(np.linalg.norm(out.numpy(), axis=-1), 1.0, rtol=1e-5)
+    # 1, 301 and 601 share a row of a 300-bucket table.
+    same = model.query_tower(np.full([1, 8], 1, dtype=np.int32))
     alias = model.query_tower(np.array([[301, 601, 1, 301, 601, 1, 301, 601]], dtype=np.int32))
     np.testing.assert_allclose(same.numpy(), alias.numpy(), rtol=1e-6)
