@@ -25,7 +25,7 @@ import toy  # noqa: E402  pylint: disable=wrong-import-position
 
 def cache_bytes_per_replica(cache):
     """Bytes of the cache's variables held by one replica (shard 0, or one mirrored copy)."""
-    shard = cache.shards[0] if cache.layout == "sharded" else cache
+    shard = cache.local_caches()[0]
     total = 0
     for v in shard.weights:
         if v.dtype == tf.string:
@@ -64,8 +64,9 @@ def main():
                     if replicas > 1 else tf.distribute.get_strategy())
         with strategy.scope():
             model = toy.ToyModel(cache_size=None)
-            model.task.cache = tfnegcache.NegativeCache(
-                args.cache_size, toy.FEATURE_SPEC, 16, layout=layout)
+            cache_type = (tfnegcache.ShardedNegativeCache if layout == "sharded"
+                          else tfnegcache.NegativeCache)
+            model.task.cache = cache_type(args.cache_size, toy.FEATURE_SPEC, 16)
             model.task.staleness = tf.keras.metrics.Mean(name="cache_staleness")
             model.compile(tf.keras.optimizers.Adam(0.05))
         timer = Timer(skip=5)

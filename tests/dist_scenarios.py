@@ -30,17 +30,17 @@ def mirrored(num=2):
 
 def make_model(cache_size, layout="replicated", seed=0, **task_kwargs):
     model = toy.ToyModel(cache_size=None, seed=seed, **task_kwargs)
-    model.task.cache = tfnegcache.NegativeCache(
-        cache_size, toy.FEATURE_SPEC, 16, seed=seed, layout=layout)
+    cache_type = {"replicated": tfnegcache.NegativeCache,
+                  "sharded": tfnegcache.ShardedNegativeCache}[layout]
+    model.task.cache = cache_type(cache_size, toy.FEATURE_SPEC, 16, seed=seed)
     model.task.staleness = tf.keras.metrics.Mean(name="cache_staleness")
     return model
 
 
 def cache_arrays(cache):
     """{name: [one array per local copy or shard]} of a cache's variables."""
-    shards = cache.shards if cache.layout == "sharded" else [cache]
     out = {}
-    for shard in shards:
+    for shard in cache.local_caches():
         for v in shard.weights:
             name = v.name.split("/", 1)[1] if "/" in v.name else v.name
             out.setdefault(name, []).extend(tfnegcache.distribute.replica_values(v))
@@ -112,9 +112,7 @@ def sharded_exact(out):
     @tf.function
     def draw(q):
         def one(q):
-            _, slots, owner, features, _ = tfnegcache.distribute.sharded_draw(
-                model.task.cache, q, 4, TEMPERATURE, None, None, draw=True)
-            return features["item_id"]
+            return model.task.cache.draw(q, 4, TEMPERATURE).features["item_id"]
         return strategy.gather(strategy.run(one, args=(q,)), axis=0)
 
     counts = np.zeros(toy.NUM_ITEMS)
@@ -182,11 +180,18 @@ def replicated_identical(out):
     json.dump(result, open(out, "w"))
 
 
+class LastStepWeights(tf.keras.callbacks.Callback):
+    """Keeps the candidate tower's weights as they were before the last training step."""
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self.weights = self.model.candidate_tower.get_weights()
+
+
 def refresh_everything(out):
     """A full random refresh every step (refresh_per_step >= size) under 2 replicas: after
-    `fit`, every slot filled before the last step holds the tower's embedding of its
-    features, in both layouts. (The refresh is encoded before the step's insert, so slots the
-    last step inserted keep the embedding the batch computed, one optimizer step old.)"""
+    `fit`, every filled slot holds the tower's embedding of its features with the weights
+    before the last step (refreshed, written back and inserted rows are all encoded with
+    the weights the step started from), in both layouts."""
     split_cpu(2)
     strategy = mirrored(2)
     data = toy.interactions(64 * 6, seed=5)
@@ -195,19 +200,71 @@ def refresh_everything(out):
         with strategy.scope():
             model = make_model(128, layout=layout, refresh_per_step=128)
             model.compile(tf.keras.optimizers.Adam(0.05))
-        model.fit(toy.dataset(data, 64), epochs=1, verbose=0, shuffle=False)
+        last = LastStepWeights()
+        model.fit(toy.dataset(data, 64), epochs=1, verbose=0, shuffle=False, callbacks=[last])
+        model.candidate_tower.set_weights(last.weights)
         cache = model.task.cache
         errors, checked = [], 0
-        for shard in (cache.shards if layout == "sharded" else [cache]):
-            filled = int(shard.num_filled.numpy())
-            last_step = int(shard.step.numpy()) - 1
-            older = np.flatnonzero(shard.inserted_at.numpy()[:filled] < last_step)
+        for shard in cache.local_caches():
+            older = np.arange(int(shard.num_filled.numpy()))
             checked += len(older)
             features = {k: tf.gather(v, older) for k, v in shard.features.items()}
             expected = model.candidate_tower(features).numpy()
             for copy in tfnegcache.distribute.replica_values(shard.embeddings):
                 errors.append(float(np.abs(np.asarray(copy)[older] - expected).max()))
         result[layout] = {"max_error": errors, "copies": len(errors), "checked": checked}
+    json.dump(result, open(out, "w"))
+
+
+class PoisonedTower(toy.CandidateTower):
+    """NaN embeddings for the last item."""
+
+    def call(self, features):
+        out = super().call(features)
+        return tf.where(tf.equal(features["item_id"], toy.NUM_ITEMS - 1)[:, None], np.nan, out)
+
+
+def full_state(model):
+    """Every copy of every weight and optimizer variable, and every local id index."""
+    state = {}
+    variables = list(model.weights) + list(model.optimizer.variables())
+    for i, v in enumerate(variables):
+        for r, copy in enumerate(tfnegcache.distribute.replica_values(v)):
+            state[f"{i}:{v.name}:{r}"] = np.asarray(copy).tolist()
+    for i, cache in enumerate(model.task.cache.local_caches()):
+        keys, values = (t.numpy() for t in cache.index.export())
+        order = np.argsort(keys)
+        state[f"index{i}"] = [keys[order].tolist(), values[order].tolist()]
+    return state
+
+
+def failed_step(out):
+    """Under 2 replicas, a step where one replica's batch has NaN embeddings fails and leaves
+    every copy of every weight, optimizer variable, cache variable and index unchanged."""
+    split_cpu(2)
+    strategy = mirrored(2)
+    result = {}
+    for layout in ("replicated", "sharded"):
+        with strategy.scope():
+            model = make_model(128, layout=layout, refresh_per_step=8)
+            model.compile(tf.keras.optimizers.Adam(0.05))
+        data = toy.interactions(64 * 6, seed=5)
+        clean = {k: v[data["item_id"] != toy.NUM_ITEMS - 1] for k, v in data.items()}
+        model.fit(toy.dataset(clean, 64).take(3), epochs=1, verbose=0)
+        before = full_state(model)
+        poisoned = {k: v[:64].copy() for k, v in clean.items()}
+        poisoned["item_id"][40] = toy.NUM_ITEMS - 1    # in replica 1's half of the batch
+        model.candidate_tower.__class__ = PoisonedTower
+        model.train_function = None
+        try:
+            model.fit(toy.dataset(poisoned, 64), epochs=1, verbose=0)
+            error = None
+        except tf.errors.InvalidArgumentError as e:  # pylint: disable=broad-except
+            error = str(e)
+        after = full_state(model)
+        result[layout] = {"error": error and error[-400:],
+                          "changed": [k for k in before if before[k] != after[k]],
+                          "num_state": len(before)}
     json.dump(result, open(out, "w"))
 
 

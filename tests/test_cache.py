@@ -5,6 +5,7 @@ import pytest
 import tensorflow as tf
 
 import tfnegcache
+from tfnegcache import CacheUpdate
 
 SPEC = {"item_id": tf.TensorSpec([], tf.int64), "tokens": tf.TensorSpec([2], tf.int64),
         "title": tf.TensorSpec([], tf.string)}
@@ -48,8 +49,8 @@ def test_variables_are_named_under_the_layer():
 
 def test_fifo_insert_evicts_oldest_and_stamps_ages():
     cache = make_cache()
-    cache.update(insert=rows([1, 2, 3]))           # step 0 -> 1
-    cache.update(insert=rows([4, 5]))              # step 1 -> 2: 5 evicts 1 from slot 0
+    cache.update(CacheUpdate(*rows([1, 2, 3])))           # step 0 -> 1
+    cache.update(CacheUpdate(*rows([4, 5])))              # step 1 -> 2: 5 evicts 1 from slot 0
     np.testing.assert_array_equal(cache.ids.numpy(), [5, 2, 3, 4])
     np.testing.assert_array_equal(cache.inserted_at.numpy(), [1, 0, 0, 1])
     np.testing.assert_array_equal(cache.embeddings.numpy()[:, 0], [5, 2, 3, 4])
@@ -58,15 +59,15 @@ def test_fifo_insert_evicts_oldest_and_stamps_ages():
     assert int(cache.num_filled.numpy()) == 4 and int(cache.cursor.numpy()) == 1
     assert int(cache.step.numpy()) == 2
     np.testing.assert_array_equal(cache.lookup(tf.constant([1, 5, 2, 9])).numpy(), [-1, 0, 1, -1])
-    cache.update(insert=rows([6, 7]))              # evicts 2 and 3, the next oldest
+    cache.update(CacheUpdate(*rows([6, 7])))              # evicts 2 and 3, the next oldest
     np.testing.assert_array_equal(cache.ids.numpy(), [5, 6, 7, 4])
     assert_index_consistent(cache)
 
 
 def test_cached_id_refreshes_its_slot_instead_of_taking_another():
     cache = make_cache(size=5)
-    cache.update(insert=rows([1, 2, 3]))
-    cache.update(insert=rows([2, 8], value=[20.0, 8.0]))
+    cache.update(CacheUpdate(*rows([1, 2, 3])))
+    cache.update(CacheUpdate(*rows([2, 8], value=[20.0, 8.0])))
     np.testing.assert_array_equal(cache.ids.numpy(), [1, 2, 3, 8, 0])
     np.testing.assert_array_equal(cache.embeddings.numpy()[:, 0], [1, 20, 3, 8, 0])
     np.testing.assert_array_equal(cache.inserted_at.numpy(), [0, 1, 0, 1, 0])
@@ -81,18 +82,47 @@ def test_repeated_id_within_a_batch_keeps_the_last_row():
     assert int(cache.num_filled.numpy()) == 2
 
 
-def test_ring_wrapping_onto_a_refreshed_id_keeps_index_consistent():
+def test_a_candidate_inserted_by_a_call_is_still_cached_after_it():
+    # Full cache [a, b, c] with a oldest; inserting [e, a] refreshes a in place, and e
+    # takes the oldest slot not holding a candidate of this call (b's), not a's.
     cache = make_cache(size=3)
     cache.insert(*rows([1, 2, 3]))
-    cache.insert(*rows([1, 4]))    # 1 refreshed in slot 0, then 4 evicts slot 0 (id 1)
-    np.testing.assert_array_equal(cache.ids.numpy(), [4, 2, 3])
-    assert cache.lookup(tf.constant([1])).numpy()[0] == -1
+    cache.insert(*rows([5, 1], value=[50.0, 10.0]))
+    np.testing.assert_array_equal(cache.ids.numpy(), [1, 5, 3])
+    np.testing.assert_array_equal(cache.embeddings.numpy()[:, 0], [10, 50, 3])
+    np.testing.assert_array_equal(cache.lookup(tf.constant([1, 5, 2])).numpy(), [0, 1, -1])
+    assert int(cache.cursor.numpy()) == 2
+    # The next new id evicts the oldest remaining slot (3), then the ring goes on.
+    cache.insert(*rows([6, 7]))
+    np.testing.assert_array_equal(cache.ids.numpy(), [7, 5, 6])
+    assert_index_consistent(cache)
+
+
+def test_a_batch_larger_than_the_cache_fits_when_its_distinct_ids_do():
+    cache = make_cache(size=3)
+    cache.insert(*rows([4, 5, 4, 5, 6, 6, 4], value=[1, 2, 3, 4, 5, 6, 7]))
+    np.testing.assert_array_equal(cache.ids.numpy(), [4, 5, 6])
+    np.testing.assert_array_equal(cache.embeddings.numpy()[:, 0], [7, 4, 6])  # last rows
+    assert int(cache.num_filled.numpy()) == 3
+    assert_index_consistent(cache)
+
+
+def test_more_distinct_ids_than_slots_keeps_the_ones_seen_last():
+    # 5 distinct ids for 3 slots: the 3 whose last rows come latest (1 at row 3, 4, 5) stay,
+    # each with its last row; the cache's older candidate 9 and ids 2, 3 do not.
+    cache = make_cache(size=3)
+    cache.insert(*rows([9]))
+    cache.insert(*rows([1, 2, 3, 1, 4, 5], value=[1, 2, 3, 10, 4, 5]))
+    assert sorted(cache.ids.numpy()) == [1, 4, 5]
+    np.testing.assert_array_equal(cache.lookup(tf.constant([9, 2, 3])).numpy(), [-1] * 3)
+    emb = dict(zip(cache.ids.numpy(), cache.embeddings.numpy()[:, 0]))
+    assert emb == {1: 10, 4: 4, 5: 5}
     assert_index_consistent(cache)
 
 
 def test_write_embeddings_touches_only_filled_chosen_slots():
     cache = make_cache(size=4)
-    cache.update(insert=rows([1, 2]))
+    cache.update(CacheUpdate(*rows([1, 2])))
     before = snapshot(cache)
     cache.write_embeddings(tf.constant([1, 3, 0]), tf.constant(np.full([3, 3], 9.0, np.float32)),
                            valid=tf.constant([True, True, False]))
@@ -151,8 +181,6 @@ def test_bad_embeddings_ids_and_sizes_are_rejected():
         cache.insert(features, tf.zeros([2, 4]), ids)
     with pytest.raises(ValueError, match="id_dtype is int64"):
         cache.insert(features, embeddings, tf.constant(["a", "b"]))
-    with pytest.raises(ValueError, match=r"2 slots but a batch inserts 3"):
-        cache.insert(*rows([1, 2, 3]))
     with pytest.raises(ValueError, match=r"dimension 5, but the cache stores embeddings of dimension 3"):
         cache.sample(tf.zeros([2, 5]))
     with pytest.raises(ValueError, match="num_samples"):
@@ -165,7 +193,7 @@ def test_bad_embeddings_ids_and_sizes_are_rejected():
 
 def test_non_finite_embeddings_never_enter_and_leave_cache_intact():
     cache = make_cache()
-    cache.update(insert=rows([1, 2]))
+    cache.update(CacheUpdate(*rows([1, 2])))
     before = snapshot(cache)
     features, embeddings, ids = rows([3, 4])
     poisoned = tf.tensor_scatter_nd_update(embeddings, [[1, 2]], [np.inf])
@@ -174,8 +202,9 @@ def test_non_finite_embeddings_never_enter_and_leave_cache_intact():
     nan = tf.constant(np.full([1, 3], np.nan, np.float32))
     with pytest.raises(tf.errors.InvalidArgumentError, match="non-finite"):
         # A valid insert with a poisoned write-back: neither is applied.
-        cache.update(insert=(features, embeddings, ids),
-                     write_back=(tf.constant([0]), nan, tf.constant([True])))
+        cache.update(CacheUpdate(features, embeddings, ids, write_back_slots=tf.constant([0]),
+                                 write_back_embeddings=nan,
+                                 write_back_valid=tf.constant([True])))
     assert_same(before, snapshot(cache))
     assert_index_consistent(cache)
 
@@ -192,7 +221,7 @@ def test_string_ids_work():
 def test_checkpoint_round_trip_restores_every_variable_and_the_index(tmp_path):
     cache = make_cache(size=5, embedding_dtype=tf.bfloat16)
     for batch in ([1, 2, 3], [4, 5, 6], [2, 7]):
-        cache.update(insert=rows(batch, value=np.array(batch) + 0.25))
+        cache.update(CacheUpdate(*rows(batch, value=np.array(batch) + 0.25)))
     path = tf.train.Checkpoint(cache=cache).write(str(tmp_path / "ckpt"))
     restored = make_cache(size=5, embedding_dtype=tf.bfloat16)
     tf.train.Checkpoint(cache=restored).read(path).assert_consumed()
@@ -200,7 +229,7 @@ def test_checkpoint_round_trip_restores_every_variable_and_the_index(tmp_path):
     assert_index_consistent(restored)
     # Both continue identically.
     for c in (cache, restored):
-        c.update(insert=rows([8, 3]))
+        c.update(CacheUpdate(*rows([8, 3])))
     assert_same(snapshot(cache), snapshot(restored))
     probe = tf.constant([1, 2, 3, 4, 5, 6, 7, 8])
     np.testing.assert_array_equal(cache.lookup(probe).numpy(), restored.lookup(probe).numpy())
@@ -211,7 +240,7 @@ def test_updates_work_inside_tf_function():
 
     @tf.function
     def step(features, embeddings, ids):
-        cache.update(insert=(features, embeddings, ids))
+        cache.update(CacheUpdate(features, embeddings, ids))
 
     step(*rows([1, 2, 3]))
     step(*rows([3, 4, 5]))

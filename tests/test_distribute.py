@@ -105,8 +105,16 @@ def test_random_refresh_under_mirrored_strategy_refreshes_every_copy_and_shard(t
     result = run_scenario(tmp_path, "refresh_everything")
     assert result["replicated"]["copies"] == 2 and result["sharded"]["copies"] == 2
     for layout, found in result.items():
-        assert found["checked"] >= 64, (layout, found)   # most of the 128 slots per copy
+        assert found["checked"] >= 64, (layout, found)   # the filled slots of each copy
         assert max(found["max_error"]) < 1e-5, (layout, found)
+
+
+def test_a_failed_step_under_mirrored_strategy_changes_nothing_in_either_layout(tmp_path):
+    result = run_scenario(tmp_path, "failed_step")
+    for layout, found in result.items():
+        assert found["error"] and "has NaN or Inf" in found["error"], (layout, found["error"])
+        assert found["num_state"] > 20, layout
+        assert found["changed"] == [], (layout, found["changed"])
 
 
 def test_fit_under_mirrored_strategy_reaches_single_device_recall(tmp_path):

@@ -7,7 +7,7 @@ import scipy.stats
 import tensorflow as tf
 
 import tfnegcache
-from tfnegcache import refresh, sampling
+from tfnegcache import CacheUpdate, refresh, sampling
 import toy
 
 DIM = 16
@@ -85,15 +85,17 @@ def test_random_refresh_is_uniform_distinct_stateless_and_writes_only_its_choice
     assert counts[20:].sum() == 0
     assert scipy.stats.chisquare(counts[:20]).pvalue > 1e-3
 
-    # Through update(): after the insert, before the step advances, with the step's seed.
+    # A training step's refresh: the slots of the step's seed, encoded, then written.
     before = state(cache)
-    cache.update(refresh=(6, tower))
+    slots, features = cache.refresh_candidates(6)
+    np.testing.assert_array_equal(slots.numpy(), chosen)
+    cache.update(CacheUpdate(refresh_slots=slots, refresh_embeddings=tower(features)))
     assert int(cache.step.numpy()) == 1
     assert_encoded(cache, tower, chosen)
     assert_only_changed(before, state(cache), chosen, ignore=("step",))
 
 
-def test_refresh_per_step_uses_the_weights_after_the_optimizer_step():
+def test_refresh_per_step_encodes_with_the_weights_before_the_optimizer_step():
     model = toy.ToyModel(cache_size=toy.NUM_ITEMS, refresh_per_step=40, write_back=False)
     cache = model.task.cache
     cache.warm_start(tf.data.Dataset.from_tensor_slices(toy.item_table()),
@@ -102,9 +104,18 @@ def test_refresh_per_step_uses_the_weights_after_the_optimizer_step():
     data = toy.interactions(64, seed=5)
     before = state(cache)
     chosen = refresh.choose_refresh_slots(cache, 40, refresh.refresh_seed(cache.seed, 0)).numpy()
-    model.fit(toy.dataset(data, 64), epochs=1, verbose=0)
+    features = {k: tf.gather(v, chosen) for k, v in cache.features.items()}
+    pre_step = model.candidate_tower(features).numpy()
+    model.fit(toy.dataset(data, 64), epochs=1, verbose=0)   # one step
     batch_slots = cache.lookup(tf.constant(data["item_id"])).numpy()
-    assert_encoded(cache, model.candidate_tower, chosen)   # post-step weights
+    refreshed = np.setdiff1d(chosen, batch_slots)
+    assert len(refreshed) > 20
+    rows = np.searchsorted(chosen, refreshed, sorter=np.argsort(chosen))
+    rows = np.argsort(chosen)[rows]
+    np.testing.assert_allclose(cache.embeddings.numpy()[refreshed], pre_step[rows],
+                               rtol=1e-5, atol=1e-6)
+    post_step = model.candidate_tower(features).numpy()[rows]
+    assert np.abs(post_step - pre_step[rows]).max() > 1e-3   # the step did move the tower
     untouched = np.setdiff1d(np.arange(toy.NUM_ITEMS), np.concatenate([chosen, batch_slots]))
     np.testing.assert_array_equal(before["negative_cache/embeddings:0"][untouched],
                                   cache.embeddings.numpy()[untouched])
@@ -262,10 +273,12 @@ def test_update_with_a_non_finite_refresh_changes_nothing():
         return tower(features) * np.nan
 
     new = items([25, 26])
+    slots, features = cache.refresh_candidates(4)
     with pytest.raises(tf.errors.InvalidArgumentError, match="refreshed embeddings"):
-        cache.update(insert=(new, tower(new), new["item_id"]),
-                     write_back=(tf.constant([0]), tf.ones([1, DIM]), tf.constant([True])),
-                     refresh=(4, poisoned))
+        cache.update(CacheUpdate(
+            new, tower(new), new["item_id"], write_back_slots=tf.constant([0]),
+            write_back_embeddings=tf.ones([1, DIM]), write_back_valid=tf.constant([True]),
+            refresh_slots=slots, refresh_embeddings=poisoned(features)))
     for name, old in before.items():
         np.testing.assert_array_equal(old, state(cache)[name], err_msg=name)
     np.testing.assert_array_equal(cache.lookup(new["item_id"]).numpy(), [-1, -1])
@@ -275,7 +288,9 @@ def test_refresh_never_overwrites_a_slot_the_insert_just_filled():
     cache, tower = filled_cache(size=20, num=20), encoder()
     new = items([25, 26])
     inserted = tf.constant(np.full([2, DIM], 7.0, np.float32))
-    cache.update(insert=(new, inserted, new["item_id"]), refresh=(20, tower))
+    slots, features = cache.refresh_candidates(20)
+    cache.update(CacheUpdate(new, inserted, new["item_id"], refresh_slots=slots,
+                             refresh_embeddings=tower(features)))
     np.testing.assert_array_equal(cache.ids.numpy()[:2], [25, 26])
     np.testing.assert_array_equal(cache.embeddings.numpy()[:2], inserted.numpy())
     assert_encoded(cache, tower, np.arange(2, 20))

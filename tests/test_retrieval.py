@@ -230,7 +230,3 @@ def test_bad_task_arguments_and_inputs_are_rejected():
         task(queries[:, :3], candidates, candidate_ids=ids, candidate_features={"item_id": ids})
     with pytest.raises(ValueError, match=r"missing feature"):
         task(queries, candidates, candidate_ids=ids, candidate_features={"id": ids})
-    small, small_tower, _ = make_task(cache_size=2)
-    queries, candidates, ids = batch(small_tower, [0, 1, 0])
-    with pytest.raises(ValueError, match=r"2 slots but a batch inserts 3"):
-        small(queries, candidates, candidate_ids=ids, candidate_features={"item_id": ids})

@@ -3,7 +3,9 @@
 The method of Lindgren et al., "Efficient Training of Retrieval Models using Negative Cache"
 (NeurIPS 2021), as a drop-in for `tfrs.tasks.Retrieval`:
 
-- `NegativeCache`: the cache of candidate features, stale embeddings and ids (`cache.py`);
+- `NegativeCache`: the cache of candidate features, stale embeddings and ids, and its one
+  write transaction per step (`cache.py`); `ShardedNegativeCache`: one shard per replica
+  (`sharded.py`);
 - `sample_cache` / `gumbel_max_sample`: exact Gumbel-Max sampling from it (`sampling.py`);
 - `CacheRetrieval`: the retrieval task with the cached softmax loss (`retrieval.py`);
 - `CachedRetrievalModel`: the `tfrs.Model` whose `train_step` keeps the cache (`model.py`).
@@ -17,11 +19,11 @@ from tfnegcache._keras_guard import ensure_legacy_keras
 ensure_legacy_keras()
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
-from tfnegcache.cache import NegativeCache
-from tfnegcache.distribute import ShardedCacheBackup
+from tfnegcache.cache import CacheUpdate, NegativeCache
 from tfnegcache.model import CachedRetrievalModel
 from tfnegcache.refresh import CacheRefreshCallback, warm_start
-from tfnegcache.retrieval import CacheRetrieval, CacheUpdate
+from tfnegcache.retrieval import CacheRetrieval
+from tfnegcache.sharded import ShardedCacheBackup, ShardedNegativeCache
 from tfnegcache.sampling import CacheDraw, gumbel_max_sample, sample_cache
 
 __version__ = "0.1.0"
@@ -34,6 +36,7 @@ __all__ = [
     "CachedRetrievalModel",
     "NegativeCache",
     "ShardedCacheBackup",
+    "ShardedNegativeCache",
     "gumbel_max_sample",
     "sample_cache",
     "warm_start",

@@ -1,17 +1,104 @@
-"""The negative cache: candidate features, stale embeddings and ids in Keras variables."""
+"""The negative cache: candidate features, stale embeddings and ids in Keras variables.
 
-from typing import Dict, Mapping, Optional, Tuple
+`NegativeCache` holds the state and applies a step's writes as one transaction
+(ALGORITHM.md step 6): `prepare` computes every row the step will write and every check of
+them, reading but never writing; `commit` then only scatters. `CacheUpdate` is what a training
+step asks of the cache; `CacheNegatives` is what one draw returns.
+"""
+
+import dataclasses
+from typing import Dict, List, Mapping, Optional, Tuple
 
 import tensorflow as tf
 
-from tfnegcache import distribute, sampling
-from tfnegcache import refresh as refresh_lib
+from tfnegcache import checks, distribute, sampling
 
 FeatureSpec = Mapping[str, tf.TensorSpec]
+
+# Folded into the cache seed so refresh choices never share a stream with the sampler's.
+_REFRESH_STREAM = 0x726566
+_INT64_MAX = 2**63 - 1
 
 
 def _describe(spec_or_tensor) -> str:
     return f"shape={tuple(spec_or_tensor.shape)} dtype={spec_or_tensor.dtype.name}"
+
+
+@dataclasses.dataclass
+class CacheUpdate:
+    """Everything one training step writes into a cache.
+
+    Attributes:
+      insert_features: `{name: [M, ...]}`, the batch's candidates (the streaming FIFO).
+      insert_embeddings: `[M, d]` their embeddings.
+      insert_ids: `[M]` their ids.
+      write_back_slots: `[W]` cache slots of the re-encoded negatives, or None.
+      write_back_embeddings: `[W, d]` their fresh embeddings.
+      write_back_valid: `[W]` bool, False for rows not to write (draws from an empty cache).
+      refresh_slots: `[R]` cache slots re-encoded by the random refresh, or None.
+      refresh_embeddings: `[R, d]` their embeddings.
+
+    Slots are in the cache's own addressing (`NegativeCache.draw` returns them so); every
+    embedding was computed with the weights before the step's optimizer update.
+    """
+
+    insert_features: Optional[Dict[str, tf.Tensor]] = None
+    insert_embeddings: Optional[tf.Tensor] = None
+    insert_ids: Optional[tf.Tensor] = None
+    write_back_slots: Optional[tf.Tensor] = None
+    write_back_embeddings: Optional[tf.Tensor] = None
+    write_back_valid: Optional[tf.Tensor] = None
+    refresh_slots: Optional[tf.Tensor] = None
+    refresh_embeddings: Optional[tf.Tensor] = None
+
+
+@dataclasses.dataclass
+class CacheNegatives:
+    """One draw from a cache, for a batch of B queries and k draws each.
+
+    Attributes:
+      log_mass: `[B]` log-mass of the eligible cached scores (`-inf` when none is eligible).
+      slots: `[B * k]` drawn slots (cache addressing), query-major; None without a draw.
+      features: `{name: [B * k, ...]}` their cached features.
+      stale: `[B * k, d]` their cached embeddings.
+    """
+
+    log_mass: tf.Tensor
+    slots: Optional[tf.Tensor] = None
+    features: Optional[Dict[str, tf.Tensor]] = None
+    stale: Optional[tf.Tensor] = None
+
+
+@dataclasses.dataclass
+class _Writes:
+    """A prepared update: exactly the scatters `commit` performs (see `prepare`)."""
+
+    checks: List
+    slots: tf.Tensor                 # [S] int64 embedding-only writes (write-back, refresh)
+    embeddings: tf.Tensor            # [S, d]
+    insert_slots: tf.Tensor          # [I] int64
+    insert_features: Dict[str, tf.Tensor]
+    insert_embeddings: tf.Tensor     # [I, d]
+    insert_ids: tf.Tensor            # [I]
+    evicted_ids: tf.Tensor           # ids leaving the index
+    new_ids: tf.Tensor               # ids entering the index ...
+    new_slots: tf.Tensor             # ... at these slots
+    cursor: tf.Tensor
+    num_filled: tf.Tensor
+    advance_step: bool
+
+    def tensors(self) -> list:
+        return [t for t in tf.nest.flatten(
+            (self.slots, self.embeddings, self.insert_slots, self.insert_features,
+             self.insert_embeddings, self.insert_ids, self.evicted_ids, self.new_ids,
+             self.new_slots, self.cursor, self.num_filled))]
+
+
+def _in_sorted(sorted_values: tf.Tensor, values: tf.Tensor) -> tf.Tensor:
+    """`[len(values)]` bool: whether each value occurs in `sorted_values` (ascending)."""
+    padded = tf.concat([sorted_values, tf.constant([-1], sorted_values.dtype)], 0)
+    position = tf.searchsorted(sorted_values, values, out_type=tf.int64)
+    return tf.equal(tf.gather(padded, position), values)
 
 
 class NegativeCache(tf.keras.layers.Layer):
@@ -23,31 +110,39 @@ class NegativeCache(tf.keras.layers.Layer):
     embeddings, with no tower work; a sampled slot can be re-encoded with the current weights
     because its features are kept.
 
-    Updates are in-place scatters into the variables, O(batch) per step:
+    Writes are O(batch) scatters into the variables, applied as one transaction per call
+    (`update`, `insert`, `write_embeddings`): every row is computed and checked first (row
+    counts, finiteness), and a failing check raises before any variable or the id index
+    changes.
 
-    - `insert` adds candidates in FIFO order: the oldest slot is evicted once the cache is
-      full. An id already cached refreshes its own slot instead of taking a second one (an
-      id-to-slot hash table finds it without a scan over the cache).
-    - `write_embeddings` overwrites the embeddings of given slots (the write-back of
-      re-encoded negatives, or any other refresh policy).
-    - `update` does one training step's worth of both and advances `step`; it is what
-      `CachedRetrievalModel.train_step` calls after the optimizer step.
+    - Insert is FIFO over distinct ids: the batch is deduplicated by id (a repeated id keeps
+      its last row); an id already cached refreshes its own slot (an id-to-slot hash table
+      finds it without a scan); new ids take the oldest slots that hold no candidate of the
+      same call, so a candidate inserted by a call is in the cache after it. When a call has
+      more distinct ids than the cache has slots, the `size` whose last rows come latest are
+      kept, as if the rows were inserted one at a time.
+    - Write-back and refresh overwrite the embeddings of given slots; a slot the same call's
+      insert rewrites or evicts keeps the insert's row.
 
     Bookkeeping per slot: `inserted_at` (the cache step at which its candidate was inserted
     or last re-inserted) and `updated_at` (the step its embedding was last written), so
-    `step - updated_at` is the embedding's age. Nothing non-finite is ever written: a write
-    of NaN or Inf embeddings fails with `tf.errors.InvalidArgumentError` before any variable
-    changes.
+    `step - updated_at` is the embedding's age. Nothing non-finite is ever written.
+
+    Under a `tf.distribute` strategy the variables are mirrored: every replica holds the same
+    `size` slots, each step's rows are all-gathered and written once to every copy. For
+    per-replica shards see `tfnegcache.ShardedNegativeCache`.
 
     Example:
 
     >>> cache = tfnegcache.NegativeCache(
     ...     size=4096,
-    ...     feature_spec={"movie_id": tf.TensorSpec([], tf.string),
-    ...                   "title_tokens": tf.TensorSpec([8], tf.int64)},
-    ...     embedding_dim=32)
-    >>> cache.insert(features, embeddings, ids)   # dict of [B, ...], [B, 32], [B]
-    >>> draw = cache.sample(query_embeddings, num_samples=1)
+    ...     feature_spec={"movie_title": tf.TensorSpec([], tf.string)},
+    ...     embedding_dim=32, id_dtype=tf.string)
+    >>> titles = tf.constant(["Heat (1995)", "Up (2009)"])
+    >>> cache.insert({"movie_title": titles}, tf.random.normal([2, 32]), titles)
+    >>> draw = cache.sample(tf.random.normal([8, 32]), num_samples=1)
+    >>> draw.slots.shape
+    TensorShape([8, 1])
     """
 
     def __init__(
@@ -60,7 +155,6 @@ class NegativeCache(tf.keras.layers.Layer):
         seed: int = 0,
         block_size: Optional[int] = None,
         name: str = "negative_cache",
-        layout: str = "replicated",
         **kwargs,
     ) -> None:
         """Creates an empty cache.
@@ -78,12 +172,15 @@ class NegativeCache(tf.keras.layers.Layer):
           seed: seeds the Gumbel noise; draws are a function of (seed, step, draw index).
           block_size: the sampler's block size; chosen from the shapes when None.
           name: layer name (prefix of the variables' names).
-          layout: how the cache is laid out over the replicas of a `tf.distribute` strategy
-            (see `tfnegcache.distribute`): `"replicated"` (every replica holds the same
-            `size` slots) or `"sharded"` (each replica holds its own `size` slots; the
-            cache sampled from is the union). Without a strategy both are one cache.
           **kwargs: passed to `tf.keras.layers.Layer`.
         """
+        if "layout" in kwargs:
+            layout = kwargs.pop("layout")
+            if layout != "replicated":
+                raise ValueError(
+                    "`NegativeCache` is the replicated layout (every replica holds the same "
+                    "slots). For per-replica shards use `tfnegcache.ShardedNegativeCache` with "
+                    f"the same arguments. Received: layout={layout!r}.")
         super().__init__(name=name, trainable=False, **kwargs)
         if int(size) < 1:
             raise ValueError(f"`size` must be a positive number of slots. Received: size={size}.")
@@ -117,20 +214,10 @@ class NegativeCache(tf.keras.layers.Layer):
         self.embedding_dtype = embedding_dtype
         self.seed = int(seed)
         self.block_size = block_size
-        if layout not in distribute.LAYOUTS:
-            raise ValueError(
-                f"`layout` must be one of {distribute.LAYOUTS}. Received: layout={layout!r}.")
-        self.layout = layout
         self._draws_this_step = 0
-        if layout == "sharded":
-            # One plain sub-cache per local replica, each on its replica's device.
-            self.shards = []
-            for r, device in enumerate(distribute.shard_devices()):
-                with distribute.local_variables(device):
-                    self.shards.append(NegativeCache(
-                        size, feature_spec, embedding_dim, id_dtype, embedding_dtype, seed,
-                        block_size, name=f"{name}_shard_{r}"))
-            return
+        # True for the shards of a ShardedNegativeCache: variables of one replica, written
+        # from its replica context, never gathered.
+        self._per_replica = False
 
         def variable(name, shape, dtype):
             fill = "" if dtype == tf.string else 0
@@ -154,7 +241,6 @@ class NegativeCache(tf.keras.layers.Layer):
             self.step = variable("step", [], tf.int64)
         self.index = tf.lookup.experimental.MutableHashTable(
             key_dtype=id_dtype, value_dtype=tf.int64, default_value=-1, name="id_to_slot")
-        self._draws_this_step = 0
 
     # ------------------------------------------------------------------ validation
 
@@ -166,7 +252,8 @@ class NegativeCache(tf.keras.layers.Layer):
 
         Raises:
           ValueError: a key is missing, or a feature's per-candidate shape or dtype differs
-            from the spec, or the number of rows differs from `num_rows`.
+            from the spec, or the number of rows differs from `num_rows` (when both are
+            static).
         """
         if not isinstance(features, Mapping):
             raise ValueError(
@@ -236,20 +323,14 @@ class NegativeCache(tf.keras.layers.Layer):
                 f"{tuple(ids.shape)}.")
         return ids
 
-    def check_batch_fits(self, num_rows) -> None:
-        """Fails at trace time when a batch has more candidates than the cache has slots."""
-        if isinstance(num_rows, int) and num_rows > self.size:
-            raise ValueError(
-                f"The cache has {self.size} slots but a batch inserts {num_rows} candidates: "
-                f"the batch would evict itself. Use a cache of at least the batch size "
-                f"(size >= {num_rows}) or a smaller batch.")
+    def check_sampling(self, top_m: Optional[int]) -> None:
+        """Raises ValueError for sampling options this cache cannot serve (none here)."""
+        del top_m
 
     # ------------------------------------------------------------------ reading
 
     def fill_fraction(self) -> tf.Tensor:
         """The fraction of slots that hold a candidate, a float32 scalar."""
-        if self.layout == "sharded":
-            return distribute.sharded_fill_fraction(self)
         return tf.cast(self.num_filled, tf.float32) / float(self.size)
 
     def lookup(self, ids: tf.Tensor) -> tf.Tensor:
@@ -276,6 +357,10 @@ class NegativeCache(tf.keras.layers.Layer):
                 bias, masked_slots[:, None],
                 tf.fill(tf.shape(masked_slots), sampling.NEG_INF))
         return bias
+
+    def begin_step(self) -> None:
+        """Restarts the numbering of draws within a step (a training step calls it first)."""
+        self._draws_this_step = 0
 
     def _next_draw_seed(self) -> tf.Tensor:
         """The `[2]` seed of the next draw: a function of (seed, step, draw index in the step,
@@ -338,55 +423,235 @@ class NegativeCache(tf.keras.layers.Layer):
             queries, self.embeddings, self.slot_bias(masked), inv_temperature, num_samples,
             seed, excluded_slots=excluded, plan=plan)
 
-    # ------------------------------------------------------------------ writing
+    def draw(self, queries: tf.Tensor, num_samples: int, temperature: Optional[float] = None,
+             masked_ids: Optional[tf.Tensor] = None, excluded_ids: Optional[tf.Tensor] = None,
+             draw: bool = True, top_m: Optional[int] = None) -> CacheNegatives:
+        """`sample`, plus the drawn slots' features and stale embeddings (what the task
+        re-encodes). Arguments as in `sample`."""
+        result = self.sample(queries, num_samples, temperature, masked_ids, excluded_ids,
+                             draw, top_m)
+        if not draw:
+            return CacheNegatives(log_mass=result.log_mass)
+        slots = tf.reshape(result.slots, [-1])
+        features, stale, _ = self.gather(slots)
+        return CacheNegatives(result.log_mass, slots, features, stale)
 
-    def assert_finite(self, embeddings: tf.Tensor, what: str) -> tf.Tensor:
-        """`embeddings`, checked: running it fails with `InvalidArgumentError` naming the cache
-        and `what` if any value is NaN or Inf. Writes made under its control dependency do
-        not happen then."""
-        return tf.debugging.assert_all_finite(
-            embeddings,
-            f"{self.name}: refusing to write non-finite (NaN or Inf) {what} into the cache; "
-            "the cache was left unchanged.")
+    def random_filled_slots(self, num_slots: int, seed: Optional[tf.Tensor] = None) -> tf.Tensor:
+        """`min(num_slots, filled)` distinct filled slots, uniformly at random, int64 `[R']`.
 
-    def write_embeddings(self, slots: tf.Tensor, embeddings: tf.Tensor,
-                         valid: Optional[tf.Tensor] = None) -> None:
-        """Overwrites the stale embeddings of `slots` (refresh). Rows with `valid` False, or
-        slots that are empty, are skipped.
+        Each slot gets a stateless uniform key and the `num_slots` largest keys among the
+        filled slots win (`top_k` over N keys, no tower calls). With `num_slots >= size`
+        every filled slot is chosen, in slot order, and no randomness is used.
 
         Args:
-          slots: `[M]` int slots.
-          embeddings: `[M, d]` fresh embeddings.
-          valid: optional `[M]` bool.
+          num_slots: R.
+          seed: `[2]` int seed; default from (cache seed, cache step), a stream of its own.
         """
-        embeddings = self.check_embeddings(embeddings, "embeddings to write back")
-        slots = tf.cast(tf.reshape(slots, [-1]), tf.int64)
-        keep = slots < self.num_filled
-        if valid is not None:
-            keep = tf.logical_and(keep, tf.reshape(valid, [-1]))
-        slots = tf.boolean_mask(slots, keep)
-        embeddings = tf.boolean_mask(embeddings, keep)
-        with tf.control_dependencies([self.assert_finite(embeddings, "write-back embeddings")]):
-            self.embeddings.scatter_update(
-                tf.IndexedSlices(tf.cast(embeddings, self.embedding_dtype), slots))
-            self.updated_at.scatter_update(
-                tf.IndexedSlices(tf.fill(tf.shape(slots), self.step.read_value()), slots))
+        num_slots = int(num_slots)
+        if num_slots >= self.size:
+            return tf.range(self.num_filled, dtype=tf.int64)
+        if num_slots < 1:
+            return tf.zeros([0], tf.int64)
+        if seed is None:
+            seed = refresh_seed(self.seed, self.step)
+        keys = tf.random.stateless_uniform([self.size], seed, dtype=tf.float32)
+        filled = tf.range(self.size, dtype=tf.int64) < self.num_filled
+        keys = tf.where(filled, keys, -1.0)
+        top = tf.math.top_k(keys, k=num_slots, sorted=True)
+        slots = tf.cast(top.indices, tf.int64)
+        return tf.boolean_mask(slots, top.values >= 0.0)
 
-    def _write_slots(self, slots, features, embeddings, ids):
-        stamp = tf.fill(tf.shape(slots), self.step.read_value())
+    def refresh_candidates(self, num_slots: int) -> Tuple[tf.Tensor, Dict[str, tf.Tensor]]:
+        """The random refresh of this step: `(slots [R'], their features)` to re-encode."""
+        slots = self.random_filled_slots(num_slots)
+        features, _, _ = self.gather(slots)
+        return slots, features
+
+    # ------------------------------------------------------------------ the transaction
+
+    def prepare(self, update: CacheUpdate, advance_step: bool = True) -> _Writes:
+        """Computes every write of `update` and the checks that must pass first.
+
+        Reads the cache, writes nothing. Under a strategy (replica context) the replicas'
+        inserts and write-backs are all-gathered first, so every replica prepares the same
+        writes.
+
+        Raises:
+          ValueError: at trace time, for rows that do not match the cache (the message names
+            what was received and what was expected).
+        """
+        checks_ = []
+        insert = update.insert_ids is not None
+        if insert:
+            ids = self.check_ids(update.insert_ids, "candidate_ids")
+            embeddings = self.check_embeddings(update.insert_embeddings, "candidate embeddings")
+            features = self.check_features(update.insert_features)
+            num_rows = tf.shape(embeddings, out_type=tf.int64)[0]
+            checks_.append(checks.same_rows(ids, num_rows, "`candidate_ids`",
+                                            "candidate embeddings"))
+            checks_ += [checks.same_rows(v, num_rows, f"feature `{k}` of `candidate_features`",
+                                         "candidates") for k, v in features.items()]
+        written = []  # (slots, embeddings, valid, what)
+        if update.write_back_slots is not None:
+            written.append((update.write_back_slots, update.write_back_embeddings,
+                            update.write_back_valid, "write-back embeddings"))
+        if update.refresh_slots is not None:
+            written.append((update.refresh_slots, update.refresh_embeddings, None,
+                            "refreshed embeddings"))
+        for i, (slots, rows, valid, what) in enumerate(written):
+            rows = self.check_embeddings(rows, what)
+            slots = tf.cast(tf.reshape(slots, [-1]), tf.int64)
+            checks_.append(checks.same_rows(rows, tf.size(slots), f"`{what}`", "slots"))
+            if valid is None:
+                valid = tf.ones_like(slots, tf.bool)
+            written[i] = (slots, rows, tf.reshape(valid, [-1]), what)
+
+        if distribute.in_replica_context() and not self._per_replica:
+            # The same writes on every replica: the union of the replicas' rows. A refresh
+            # is the same on every replica (same slots, same weights) and is not gathered.
+            with tf.control_dependencies(checks_):
+                if insert:
+                    ids, embeddings = distribute.all_gather(ids), distribute.all_gather(embeddings)
+                    features = {k: distribute.all_gather(v) for k, v in features.items()}
+                if update.write_back_slots is not None:
+                    written[0] = tuple(distribute.all_gather(x) for x in written[0][:3]) + (
+                        written[0][3],)
+
+        # Finiteness of every row that could be written, before anything else reads them.
+        if insert:
+            embeddings = checks.finite(embeddings, "`embeddings to insert`")
+        written = [(s, checks.finite(r, f"`{what}`"), v, what) for s, r, v, what in written]
+        checks_ += ([embeddings] if insert else []) + [r for _, r, _, _ in written]
+
+        with tf.control_dependencies(checks_):
+            if insert:
+                plan = self._plan_insert(features, embeddings, ids)
+            else:
+                plan = self._plan_insert(None, None, None)
+            insert_slots = plan["slots"]
+            # Embedding-only writes: filled slots the insert does not rewrite or evict.
+            touched = tf.sort(insert_slots)
+            slots, rows, seen = [], [], tf.zeros([0], tf.int64)
+            for s, r, v, _ in written:
+                keep = tf.logical_and(v, s < self.num_filled)
+                keep = tf.logical_and(keep, tf.logical_not(_in_sorted(touched, s)))
+                # A refreshed slot that is also written back keeps the write-back row.
+                keep = tf.logical_and(keep, tf.logical_not(_in_sorted(tf.sort(seen), s)))
+                s, r = tf.boolean_mask(s, keep), tf.boolean_mask(r, keep)
+                slots.append(s)
+                rows.append(tf.cast(r, self.embedding_dtype))
+                seen = tf.concat([seen, s], 0)
+            slots = tf.concat(slots, 0) if slots else tf.zeros([0], tf.int64)
+            rows = (tf.concat(rows, 0) if rows
+                    else tf.zeros([0, self.embedding_dim], self.embedding_dtype))
+        writes = _Writes(
+            checks=checks_, slots=slots, embeddings=rows, insert_slots=insert_slots,
+            insert_features=plan["features"], insert_embeddings=plan["embeddings"],
+            insert_ids=plan["ids"], evicted_ids=plan["evicted_ids"], new_ids=plan["new_ids"],
+            new_slots=plan["new_slots"], cursor=plan["cursor"], num_filled=plan["num_filled"],
+            advance_step=advance_step)
+        writes.checks = checks_ + writes.tensors()
+        return writes
+
+    def _plan_insert(self, features, embeddings, ids) -> dict:
+        """Where an insert's rows go (see the class docstring), computed from the state."""
+        if ids is None:
+            empty = tf.zeros([0], tf.int64)
+            return {
+                "slots": empty, "ids": tf.zeros([0], self.id_dtype),
+                "features": {k: tf.zeros([0, *s.shape.as_list()], s.dtype)
+                             for k, s in self.feature_spec.items()},
+                "embeddings": tf.zeros([0, self.embedding_dim], self.embedding_dtype),
+                "evicted_ids": tf.zeros([0], self.id_dtype), "new_ids": tf.zeros([0], self.id_dtype),
+                "new_slots": empty, "cursor": tf.identity(self.cursor),
+                "num_filled": tf.identity(self.num_filled)}
+        size = tf.constant(self.size, tf.int64)
+        unique_ids, position = tf.unique(ids, out_idx=tf.int64)
+        num_unique = tf.size(unique_ids, out_type=tf.int64)
+        last_row = tf.math.unsorted_segment_max(
+            tf.range(tf.size(ids, out_type=tf.int64)), position, num_unique)
+        # More distinct ids than slots: keep the `size` whose last rows come latest.
+        ranked = tf.concat([tf.sort(last_row), [_INT64_MAX]], 0)
+        kept = last_row >= ranked[tf.maximum(num_unique - size, 0)]
+        unique_ids = tf.boolean_mask(unique_ids, kept)
+        rows = tf.boolean_mask(last_row, kept)
+        slots = tf.reshape(self.index.lookup(unique_ids), [-1])
+
+        cached = tf.where(slots >= 0)[:, 0]
+        new = tf.where(slots < 0)[:, 0]
+        protected = tf.gather(slots, cached)
+        num_new = tf.size(new, out_type=tf.int64)
+        # New ids take the oldest slots from the cursor on, skipping slots whose candidate
+        # this call re-inserts: the window of num_new + |protected| slots always has enough.
+        width = num_new + tf.size(protected, out_type=tf.int64)
+        window = (self.cursor + tf.range(width)) % size
+        offset = (protected - self.cursor) % size
+        offset = tf.boolean_mask(offset, offset < width)
+        blocked = tf.scatter_nd(offset[:, None], tf.ones_like(offset, tf.int32), [width]) > 0
+        take = tf.where(tf.logical_not(blocked))[:num_new, 0]
+        new_slots = tf.gather(window, take)
+        cursor = tf.cond(num_new > 0, lambda: (self.cursor + take[-1] + 1) % size,
+                         lambda: tf.identity(self.cursor))
+        evicted = tf.boolean_mask(tf.gather(self.ids, new_slots), new_slots < self.num_filled)
+
+        order = tf.concat([cached, new], 0)
+        rows = tf.gather(rows, order)
+        return {
+            "slots": tf.concat([protected, new_slots], 0),
+            "ids": tf.gather(unique_ids, order),
+            "features": {k: tf.gather(v, rows) for k, v in features.items()},
+            "embeddings": tf.cast(tf.gather(embeddings, rows), self.embedding_dtype),
+            "evicted_ids": evicted, "new_ids": tf.gather(unique_ids, new),
+            "new_slots": new_slots, "cursor": cursor,
+            "num_filled": tf.minimum(self.num_filled + num_new, size)}
+
+    def commit(self, writes: _Writes) -> None:
+        """Applies prepared writes: scatters only, nothing that checks or can fail on data.
+
+        Under a strategy (replica context) they are applied once, in cross-replica context,
+        to every copy of the variables and to the worker's id index.
+        """
+        if distribute.in_replica_context() and not self._per_replica:
+            values = {f.name: getattr(writes, f.name) for f in dataclasses.fields(writes)
+                      if f.name not in ("checks", "advance_step")}
+            distribute.run_once(
+                lambda first: self._commit(dataclasses.replace(writes, **first)), values)
+        else:
+            self._commit(writes)
+        self._draws_this_step = 0
+
+    def _commit(self, writes: _Writes) -> None:
+        stamp = self.step.read_value()
+        self.embeddings.scatter_update(tf.IndexedSlices(writes.embeddings, writes.slots))
+        self.updated_at.scatter_update(
+            tf.IndexedSlices(tf.fill(tf.shape(writes.slots), stamp), writes.slots))
+        slots = writes.insert_slots
+        stamps = tf.fill(tf.shape(slots), stamp)
         for key, variable in self.features.items():
-            variable.scatter_update(tf.IndexedSlices(features[key], slots))
-        self.embeddings.scatter_update(
-            tf.IndexedSlices(tf.cast(embeddings, self.embedding_dtype), slots))
-        self.ids.scatter_update(tf.IndexedSlices(ids, slots))
-        self.inserted_at.scatter_update(tf.IndexedSlices(stamp, slots))
-        self.updated_at.scatter_update(tf.IndexedSlices(stamp, slots))
+            variable.scatter_update(tf.IndexedSlices(writes.insert_features[key], slots))
+        self.embeddings.scatter_update(tf.IndexedSlices(writes.insert_embeddings, slots))
+        self.ids.scatter_update(tf.IndexedSlices(writes.insert_ids, slots))
+        self.inserted_at.scatter_update(tf.IndexedSlices(stamps, slots))
+        self.updated_at.scatter_update(tf.IndexedSlices(stamps, slots))
+        self.index.remove(writes.evicted_ids)
+        self.index.insert(writes.new_ids, writes.new_slots)
+        self.cursor.assign(writes.cursor)
+        self.num_filled.assign(writes.num_filled)
+        if writes.advance_step:
+            self.step.assign_add(1)
+
+    def update(self, update: Optional[CacheUpdate] = None, advance_step: bool = True) -> None:
+        """`prepare` then `commit`: one transaction. With `advance_step`, `step` advances
+        by one (a training step's update); a failing check raises with nothing changed."""
+        writes = self.prepare(update if update is not None else CacheUpdate(),
+                              advance_step=advance_step)
+        with tf.control_dependencies(writes.checks):
+            self.commit(writes)
 
     def insert(self, features: Mapping[str, tf.Tensor], embeddings: tf.Tensor,
                ids: tf.Tensor) -> None:
-        """Inserts candidates, FIFO: new ids take the oldest slots; cached ids are refreshed.
-
-        Within one call, a repeated id keeps its last row.
+        """Inserts candidates (FIFO over distinct ids, see the class docstring); `step`
+        does not advance.
 
         Args:
           features: `{name: [M, *feature_shape]}` for every key of the feature spec.
@@ -395,107 +660,106 @@ class NegativeCache(tf.keras.layers.Layer):
 
         Raises:
           ValueError: at trace time, for features, embeddings or ids that do not match the
-            cache (the message names what was received and what was expected), or M > size.
-          tf.errors.InvalidArgumentError: non-finite embeddings; nothing is written.
+            cache (the message names what was received and what was expected).
+          tf.errors.InvalidArgumentError: row counts that differ, or non-finite embeddings;
+            nothing is written.
         """
-        ids = self.check_ids(ids)
-        embeddings = self.check_embeddings(embeddings, "embeddings to insert")
-        num_rows = ids.shape[0]
-        features = self.check_features(features, num_rows)
-        self.check_batch_fits(num_rows)
-        checks = [
-            self.assert_finite(embeddings, "embeddings to insert"),
-            tf.debugging.assert_equal(
-                tf.shape(embeddings)[0], tf.shape(ids)[0],
-                message="`embeddings` and `ids` to insert must have the same number of rows"),
-            tf.debugging.assert_less_equal(
-                tf.size(ids, out_type=tf.int64), tf.constant(self.size, tf.int64),
-                message=f"more candidates to insert than the cache's {self.size} slots"),
-        ]
-        with tf.control_dependencies(checks):
-            unique_ids, position = tf.unique(ids)
-            # Keep the last row of an id repeated within the batch.
-            last_row = tf.math.unsorted_segment_max(
-                tf.range(tf.size(ids)), position, tf.size(unique_ids))
-            features = {k: tf.gather(v, last_row) for k, v in features.items()}
-            embeddings = tf.gather(embeddings, last_row)
-            slots = tf.cast(self.index.lookup(unique_ids), tf.int64)
+        self.update(CacheUpdate(features, embeddings, ids), advance_step=False)
 
-        cached = tf.where(slots >= 0)[:, 0]
-        self._write_slots(
-            tf.gather(slots, cached), {k: tf.gather(v, cached) for k, v in features.items()},
-            tf.gather(embeddings, cached), tf.gather(unique_ids, cached))
-
-        new = tf.where(slots < 0)[:, 0]
-        num_new = tf.size(new, out_type=tf.int64)
-        new_slots = (self.cursor + tf.range(num_new)) % self.size
-        evicted = tf.boolean_mask(tf.gather(self.ids, new_slots), new_slots < self.num_filled)
-        self.index.remove(evicted)
-        new_ids = tf.gather(unique_ids, new)
-        self._write_slots(new_slots, {k: tf.gather(v, new) for k, v in features.items()},
-                          tf.gather(embeddings, new), new_ids)
-        self.index.insert(new_ids, new_slots)
-        self.cursor.assign((self.cursor + num_new) % self.size)
-        self.num_filled.assign(tf.minimum(self.num_filled + num_new, self.size))
-
-    def update(self, insert: Optional[Tuple] = None, write_back: Optional[Tuple] = None,
-               refresh: Optional[Tuple] = None) -> None:
-        """One training step's cache update; then advances `step`.
+    def write_embeddings(self, slots: tf.Tensor, embeddings: tf.Tensor,
+                         valid: Optional[tf.Tensor] = None) -> None:
+        """Overwrites the stale embeddings of `slots` (a refresh); `step` does not advance.
+        Rows with `valid` False, and slots that are empty, are skipped.
 
         Args:
-          insert: `(features, embeddings, ids)` to `insert`, or None.
-          write_back: `(slots, embeddings, valid)` for `write_embeddings`, or None. Written
-            before the insert, so an insert that evicts a written slot wins.
-          refresh: `(num_slots, encoder)`, or None: `num_slots` filled slots chosen at random
-            from (seed, step) are re-encoded with `encoder` (the weights after the optimizer
-            step), encoded before any write and written last, except to slots whose
-            candidate the insert evicted.
-
-        Every embedding to be written (refreshed ones included) is checked before the first
-        write: a non-finite value fails the update with `InvalidArgumentError` and changes
-        nothing.
+          slots: `[M]` int slots.
+          embeddings: `[M, d]` fresh embeddings.
+          valid: optional `[M]` bool.
         """
-        checks = []
-        if write_back is not None:
-            checks.append(self.assert_finite(write_back[1], "write-back embeddings"))
-        if insert is not None:
-            checks.append(self.assert_finite(insert[1], "embeddings to insert"))
-        refreshed = None
-        if refresh is not None and int(refresh[0]) > 0:
-            slots = refresh_lib.choose_refresh_slots(self, refresh[0])
-            refreshed = (slots, tf.gather(self.ids, slots),
-                         refresh_lib.encode_slots(self, slots, refresh[1]))
-            checks.append(self.assert_finite(refreshed[2], "refreshed embeddings"))
-        with tf.control_dependencies(checks):
-            if write_back is not None:
-                self.write_embeddings(*write_back)
-            if insert is not None:
-                self.insert(*insert)
-            if refreshed is not None:
-                slots, ids_encoded, embeddings = refreshed
-                still_there = tf.equal(tf.gather(self.ids, slots), ids_encoded)
-                self.write_embeddings(slots, embeddings, valid=still_there)
-            self.step.assign_add(1)
-        self._draws_this_step = 0
+        slots = tf.reshape(slots, [-1])
+        self.update(CacheUpdate(write_back_slots=slots, write_back_embeddings=embeddings,
+                                write_back_valid=valid), advance_step=False)
 
     # ------------------------------------------------------------------ refresh policies
-    # (issue 7; the policies themselves live in `tfnegcache/refresh.py`)
+
+    def encode(self, slots: tf.Tensor, encoder) -> tf.Tensor:
+        """`encoder`'s embeddings of the cached features of `slots`, `[M, d]`, no gradient."""
+        features, _, _ = self.gather(slots)
+        embeddings = tf.convert_to_tensor(encoder(features))
+        return tf.stop_gradient(self.check_embeddings(embeddings, "encoder output"))
 
     def refresh(self, slots: tf.Tensor, encoder) -> None:
         """Re-encodes `slots` from their cached features with `encoder` (no gradient) and
         writes the embeddings; empty slots are skipped, nothing else changes."""
-        refresh_lib.refresh_slots(self, slots, encoder)
+        slots = tf.cast(tf.reshape(slots, [-1]), tf.int64)
+        self.write_embeddings(slots, self.encode(slots, encoder))
 
     def refresh_all(self, encoder, batch_size: int = 1024) -> int:
-        """Re-encodes every filled slot, `batch_size` per encoder call; returns the count."""
-        return refresh_lib.refresh_all(self, encoder, batch_size)
+        """Re-encodes every filled slot, `batch_size` per encoder call; returns the count.
+
+        Runs eagerly over chunks (each chunk's tower call and write in one `tf.function` with
+        a fixed chunk shape, so it traces once); empty slots are never touched.
+        """
+        batch_size = int(min(max(1, batch_size), self.size))
+        key = (id(encoder), batch_size)
+        memo = self.__dict__.setdefault("_refreshers", {})
+        if key not in memo:
+            @tf.function
+            def refresh_chunk(start):
+                slots = start + tf.range(batch_size, dtype=tf.int64)
+                valid = slots < self.num_filled
+                slots = tf.minimum(slots, self.size - 1)
+                self.write_embeddings(slots, self.encode(slots, encoder), valid=valid)
+
+            memo[key] = refresh_chunk
+        filled = int(self.num_filled.numpy())
+        for start in range(0, filled, batch_size):
+            memo[key](tf.constant(start, tf.int64))
+        return filled
 
     def warm_start(self, dataset: tf.data.Dataset, candidate_model, id_key: str = "id",
                    batch_size: int = 1024, batched: bool = False) -> int:
-        """Fills the cache from a candidate dataset through `insert` (dataset order, id
-        dedupe, FIFO); see `refresh.warm_start`. Returns the number of rows read."""
-        return refresh_lib.warm_start(self, dataset, candidate_model, id_key=id_key,
-                                      batch_size=batch_size, batched=batched)
+        """Fills the cache from a candidate dataset before training; returns rows read.
+
+        Each element is a dict of one candidate's features (or of `[M, ...]` rows when
+        `batched`), holding every key of the `feature_spec` plus the id under `id_key` (extra
+        keys are ignored). Candidates are encoded by `candidate_model` with the current
+        weights and inserted in dataset order: ids are deduped (a repeated id refreshes its
+        slot), and a dataset larger than the cache leaves its last `size` distinct
+        candidates (FIFO). The cache's `step` does not advance.
+
+        Args:
+          dataset: candidates, e.g. the movie table as a `tf.data.Dataset`.
+          candidate_model: the candidate tower, mapping a feature dict to `[M, d]`.
+          id_key: the element key holding the candidate id.
+          batch_size: candidates per tower call and insert (capped at the cache size).
+          batched: whether `dataset` already yields batches.
+        """
+        batch_size = int(min(max(1, batch_size), self.size))
+        if not batched:
+            dataset = dataset.batch(batch_size)
+        elif batch_size < self.size:
+            dataset = dataset.unbatch().batch(batch_size)
+
+        @tf.function
+        def insert(element):
+            features = self.check_features(element, what="warm_start dataset element")
+            embeddings = tf.stop_gradient(tf.convert_to_tensor(candidate_model(features)))
+            self.insert(features, embeddings, element[id_key])
+            return tf.shape(embeddings)[0]
+
+        rows = 0
+        for element in dataset:
+            if id_key not in element:
+                raise ValueError(
+                    f"warm_start: dataset elements must hold the candidate id under `id_key` "
+                    f"({id_key!r}). Received keys: {sorted(element)}.")
+            rows += int(insert(element))
+        return rows
+
+    def local_caches(self) -> List["NegativeCache"]:
+        """The caches this process holds: itself (a sharded cache returns its shards)."""
+        return [self]
 
     def get_config(self):
         config = super().get_config()
@@ -508,7 +772,6 @@ class NegativeCache(tf.keras.layers.Layer):
             "embedding_dtype": self.embedding_dtype.name,
             "seed": self.seed,
             "block_size": self.block_size,
-            "layout": self.layout,
         })
         return config
 
@@ -520,3 +783,8 @@ class NegativeCache(tf.keras.layers.Layer):
             for k, v in config["feature_spec"].items()}
         return cls(**config)
 
+
+def refresh_seed(cache_seed: int, step) -> tf.Tensor:
+    """The `[2]` stateless seed of the random refresh at cache step `step`."""
+    return tf.random.experimental.stateless_fold_in(
+        tf.constant([cache_seed, _REFRESH_STREAM], tf.int64), tf.cast(step, tf.int64))

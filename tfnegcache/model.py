@@ -6,7 +6,7 @@ from typing import Dict, List
 import tensorflow as tf
 import tensorflow_recommenders as tfrs
 
-from tfnegcache import distribute
+from tfnegcache import checks, distribute
 from tfnegcache.retrieval import CacheRetrieval
 
 
@@ -17,13 +17,20 @@ class CachedRetrievalModel(tfrs.Model):
     `__init__`, and implement `compute_loss`. `train_step` then:
 
     1. runs `compute_loss` with the tasks in training mode: each draws its negatives from the
-       cache, re-encodes them, and records a `CacheUpdate`;
-    2. applies the optimizer step, but only after checking that everything the update would
-       write is finite: a step whose embeddings hold NaN or Inf fails with
-       `tf.errors.InvalidArgumentError` before any weight or cache slot changes;
-    3. applies each task's cache update (write-back of the re-encoded negatives, FIFO insert
-       of the batch's candidates, then the task's `refresh_per_step` random refresh with the
-       new weights) and advances the cache's step.
+       cache, re-encodes them (and its `refresh_per_step` random slots), and records a
+       `CacheUpdate`;
+    2. computes every write of the step and checks it, reading but not writing: the loss and
+       every gradient are finite, every embedding to be written is finite, and row counts
+       match (also when the batch dimension is only known at run time);
+    3. only then applies the optimizer step and each cache's writes (write-back of the
+       re-encoded negatives, FIFO insert of the batch's candidates, the refresh) and
+       advances the cache's step.
+
+    A step is all-or-nothing: when a check fails, the step raises
+    `tf.errors.InvalidArgumentError` naming what was wrong (e.g. "the gradient of
+    `candidate_tower/embedding/embeddings:0` has NaN or Inf"), and every weight, optimizer
+    slot, cache variable and the id index are as they were before it. Restore nothing, fix
+    the input, and call `fit` again.
 
     `test_step` (so `evaluate`) and `predict` never draw or change the cache. Besides TFRS's
     `loss`, `regularization_loss` and `total_loss`, training logs carry `cache_staleness`
@@ -58,6 +65,8 @@ class CachedRetrievalModel(tfrs.Model):
 
     def train_step(self, inputs):
         tasks = self.cache_tasks()
+        for task in tasks:
+            task.cache.begin_step()
         with tf.GradientTape() as tape:
             with self._tasks_in_training(tasks):
                 loss = self.compute_loss(inputs, training=True)
@@ -65,19 +74,23 @@ class CachedRetrievalModel(tfrs.Model):
             total_loss = loss + regularization_loss
         gradients = tape.gradient(total_loss, self.trainable_variables)
 
-        updates = [(task.cache, task.pop_update()) for task in tasks]
-        checks = [
-            cache.assert_finite(rows, "embeddings")
-            for cache, update in updates if update is not None
-            for rows in update.embeddings()
-        ]
-        with tf.control_dependencies(checks):
+        # One transaction (ALGORITHM.md step 6): every write of the step is computed and
+        # checked before the first one is applied; after that nothing can fail on the data.
+        writes = []
+        for task in tasks:
+            update = task.pop_update()
+            if update is not None:
+                writes.append((task.cache, task.cache.prepare(update)))
+        guards = [checks.finite(total_loss, "the loss")]
+        guards += [checks.finite(g, f"the gradient of `{v.name}`")
+                   for g, v in zip(gradients, self.trainable_variables) if g is not None]
+        for _, prepared in writes:
+            guards += prepared.checks
+        with tf.control_dependencies(guards):
             applied = self.optimizer.apply_gradients(zip(gradients, self.trainable_variables))
-        with tf.control_dependencies([applied] if applied is not None else checks):
-            for cache, update in updates:
-                if update is not None:
-                    distribute.apply_update(cache, update.insert, update.write_back,
-                                            refresh=update.refresh)
+        with tf.control_dependencies(guards + ([applied] if applied is not None else [])):
+            for cache, prepared in writes:
+                cache.commit(prepared)
 
         metrics = {metric.name: metric.result() for metric in self.metrics}
         # Each replica's loss covers its share of the global batch (summed, as the gradients).

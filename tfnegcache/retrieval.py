@@ -1,40 +1,17 @@
 """`CacheRetrieval`: `tfrs.tasks.Retrieval` with negatives sampled from a negative cache."""
 
-import dataclasses
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Text, Union
 
 import tensorflow as tf
 import tensorflow_recommenders as tfrs
 
-from tfnegcache import distribute
-from tfnegcache.cache import NegativeCache
+from tfnegcache import checks
+from tfnegcache.cache import CacheUpdate, NegativeCache
+from tfnegcache.sharded import ShardedNegativeCache
 
 # TFRS masks logits with this value (tfrs.tasks.retrieval.MIN_FLOAT); an empty cache's
 # log-mass becomes it, so its softmax weight is exactly 0 and `0 * log(0)` never appears.
 MIN_FLOAT = tfrs.tasks.retrieval.MIN_FLOAT
-
-
-@dataclasses.dataclass
-class CacheUpdate:
-    """What one training step asks of the cache, applied after the optimizer step.
-
-    Attributes:
-      insert: `(features, embeddings, ids)` of the batch's candidates (the streaming FIFO).
-      write_back: `(slots [B*k], fresh embeddings [B*k, d], valid [B*k])` of the re-encoded
-        negatives.
-      refresh: `(R, candidate_model)`: re-encode R random filled slots (`refresh_per_step`).
-    """
-
-    insert: tuple
-    write_back: Optional[tuple]
-    refresh: Optional[tuple] = None  # (num_slots, encoder): random refresh after the insert
-
-    def embeddings(self) -> List[tf.Tensor]:
-        """Every embedding this update would write (each must be finite)."""
-        rows = [self.insert[1]]
-        if self.write_back is not None:
-            rows.append(self.write_back[1])
-        return rows
 
 
 class CacheRetrieval(tfrs.tasks.Retrieval):
@@ -59,9 +36,9 @@ class CacheRetrieval(tfrs.tasks.Retrieval):
     estimator above without special cases.
 
     The cache never changes here. In training the task records a `CacheUpdate` (insert the
-    batch's candidates, write back the re-encoded negatives) that
-    `CachedRetrievalModel.train_step` applies after the optimizer step; evaluation neither
-    draws nor updates.
+    batch's candidates, write back the re-encoded negatives, the random refresh) that
+    `CachedRetrievalModel.train_step` checks and applies with the optimizer step, as one
+    transaction; evaluation neither draws nor updates.
 
     With `cache=None`, or while the cache is empty, loss and metrics are those of
     `tfrs.tasks.Retrieval` for the same arguments.
@@ -132,9 +109,11 @@ class CacheRetrieval(tfrs.tasks.Retrieval):
             in-batch, top-m cached] (a lower bound on the whole-cache loss) and its gradient
             is biased toward the hardest negatives relative to the full softmax's. Chunked
             (`sampling.top_m_scores`): no `[B, N]` matrix.
-          refresh_per_step: R, slots re-encoded per training step besides the write-back:
-            after the optimizer step (new weights), R distinct filled slots drawn uniformly
-            from (cache seed, step), without gradients. Refresh rate R / N. 0 disables it.
+          refresh_per_step: R, slots re-encoded per training step besides the write-back: R
+            distinct filled slots drawn uniformly from (cache seed, step), re-encoded by
+            `candidate_model` without gradients, with the weights the step starts from (so
+            they are one optimizer step old when written, like the inserted positives).
+            Refresh rate R / N. 0 disables it.
           write_back: write the re-encoded negatives' fresh embeddings back into the cache
             (the default refresh policy). False leaves sampled slots stale.
 
@@ -176,9 +155,10 @@ class CacheRetrieval(tfrs.tasks.Retrieval):
             temperature=temperature, num_hard_negatives=num_hard_negatives,
             remove_accidental_hits=remove_accidental_hits, name=name)
         if cache is not None:
-            if not isinstance(cache, NegativeCache):
+            if not isinstance(cache, (NegativeCache, ShardedNegativeCache)):
                 raise ValueError(
-                    f"`cache` must be a tfnegcache.NegativeCache or None. Received: {cache!r}.")
+                    "`cache` must be a tfnegcache.NegativeCache, a "
+                    f"tfnegcache.ShardedNegativeCache or None. Received: {cache!r}.")
             if candidate_model is None or not callable(candidate_model):
                 raise ValueError(
                     "`candidate_model` must be given with a cache: a callable mapping a dict of "
@@ -200,11 +180,8 @@ class CacheRetrieval(tfrs.tasks.Retrieval):
         if isinstance(refresh_per_step, bool) or int(refresh_per_step) < 0:
             raise ValueError(
                 f"`refresh_per_step` must be an integer >= 0. Received: {refresh_per_step!r}.")
-        if top_m is not None and cache is not None and cache.layout == "sharded":
-            raise ValueError(
-                "`top_m` is not supported with a sharded cache (it needs a cross-shard merge "
-                "of the per-shard top m, which is not implemented). Received: top_m="
-                f"{top_m!r} with layout='sharded'; use layout='replicated'.")
+        if cache is not None:
+            cache.check_sampling(top_m)
         self.top_m = None if top_m is None else int(top_m)
         self.refresh_per_step = int(refresh_per_step)
         self.write_back = bool(write_back)
@@ -246,12 +223,6 @@ class CacheRetrieval(tfrs.tasks.Retrieval):
     def _importance_weighting(self, candidate_ids):
         """logQ with a cache: which in-batch candidates the cache covers, and the cache's
         log-weight `log(num_candidates - 1)` (see `__init__`, "logQ with a cache")."""
-        if self.cache.layout == "sharded":
-            raise ValueError(
-                "`candidate_sampling_probability` (logQ) with in-batch negatives needs to know "
-                "which in-batch candidates the whole cache holds, which a sharded cache cannot "
-                "answer locally (not implemented). Received layout='sharded'; use "
-                "layout='replicated', or use_in_batch_negatives=False, or no logQ.")
         covered = self.cache.lookup(candidate_ids) >= 0
         num_samples = tf.maximum(tf.size(candidate_ids) - 1, 1)
         return covered, tf.math.log(tf.cast(num_samples, tf.float32))
@@ -273,13 +244,19 @@ class CacheRetrieval(tfrs.tasks.Retrieval):
                              ("candidate_embeddings", candidate_embeddings)):
             self.cache.check_embeddings(tensor, what)
         candidate_ids = self.cache.check_ids(candidate_ids)
+        checks.same_rows(candidate_ids, tf.shape(candidate_embeddings)[0], "`candidate_ids`",
+                         "candidate embeddings")
         num_rows = candidate_embeddings.shape[0]
         features = self.cache.check_features(candidate_features, num_rows)
-        self.cache.check_batch_fits(num_rows)
         return candidate_ids, features
 
+    def _encode(self, features: Mapping[str, tf.Tensor], dtype) -> tf.Tensor:
+        """The candidate tower on cached features: `[M, d]` in `dtype` (with gradients)."""
+        embeddings = tf.convert_to_tensor(self.candidate_model(features))
+        return tf.cast(self.cache.check_embeddings(embeddings, "candidate_model output"), dtype)
+
     def _cache_logit(self, query_embeddings, candidate_ids, training, log_weight=None):
-        """The cache's column of the logits, `[B]`, and the update the step asks for.
+        """The cache's column of the logits, `[B]`, and the write-back rows of the draw.
 
         `log_weight`: None (the in-batch negatives are exact terms: the cache masks them), or
         a scalar added to the log-mass (logQ: in-batch negatives are importance samples of the
@@ -287,38 +264,21 @@ class CacheRetrieval(tfrs.tasks.Retrieval):
         """
         cache, k = self.cache, self.num_negatives
         num_queries = tf.shape(query_embeddings)[0]
-        positives = candidate_ids[:num_queries]
         exact_in_batch = self.use_in_batch_negatives and log_weight is None
-        masked_ids = candidate_ids if exact_in_batch else None
-        excluded_ids = None if exact_in_batch else positives
-        owner = None
-        if cache.layout == "sharded":
-            log_mass, slots, owner, features, stale = distribute.sharded_draw(
-                cache, query_embeddings, k, self._temperature, masked_ids, excluded_ids,
-                draw=training)
-        else:
-            draw = cache.sample(
-                query_embeddings, num_samples=k, temperature=self._temperature,
-                masked_ids=masked_ids, excluded_ids=excluded_ids, draw=training,
-                top_m=self.top_m)
-            log_mass, slots = draw.log_mass, draw.slots
-        has_mass = tf.math.is_finite(log_mass)
+        negatives = cache.draw(
+            query_embeddings, num_samples=k, temperature=self._temperature,
+            masked_ids=candidate_ids if exact_in_batch else None,
+            excluded_ids=None if exact_in_batch else candidate_ids[:num_queries],
+            draw=training, top_m=self.top_m)
+        has_mass = tf.math.is_finite(negatives.log_mass)
+        log_mass = negatives.log_mass
         if log_weight is not None:
             log_mass = log_mass + tf.cast(log_weight, log_mass.dtype)
         log_mass = tf.stop_gradient(tf.where(has_mass, log_mass, MIN_FLOAT))
         if not training:
             return log_mass, None
 
-        slots = tf.reshape(slots, [-1])
-        if owner is None:
-            features, stale, _ = cache.gather(slots)
-        else:
-            features = {key: tf.reshape(v, [-1, *cache.feature_spec[key].shape.as_list()])
-                        for key, v in features.items()}
-            stale = tf.reshape(stale, [-1, cache.embedding_dim])
-        fresh = tf.convert_to_tensor(self.candidate_model(features))
-        fresh = tf.cast(cache.check_embeddings(fresh, "candidate_model output"),
-                        query_embeddings.dtype)
+        fresh = self._encode(negatives.features, query_embeddings.dtype)
         fresh_scores = tf.reduce_sum(
             query_embeddings[:, None, :] * tf.reshape(fresh, [num_queries, k, -1]), axis=-1)
         if self._temperature is not None:
@@ -329,13 +289,27 @@ class CacheRetrieval(tfrs.tasks.Retrieval):
         cache_logit = log_mass + tf.where(has_mass, correction, tf.zeros_like(correction))
 
         fresh_sg = tf.stop_gradient(fresh)
-        stale = tf.cast(stale, fresh_sg.dtype)
+        stale = tf.cast(negatives.stale, fresh_sg.dtype)
         staleness = tf.reduce_sum(tf.square(stale - fresh_sg), -1) / tf.maximum(
             tf.reduce_sum(tf.square(fresh_sg), -1), 1e-12)
         self.staleness.update_state(staleness, sample_weight=tf.cast(valid, staleness.dtype))
-        if owner is not None:
-            return cache_logit, (slots, fresh_sg, valid, tf.reshape(owner, [-1]))
-        return cache_logit, (slots, fresh_sg, valid)
+        return cache_logit, (negatives.slots, fresh_sg, valid)
+
+    def _cache_update(self, features, candidate_embeddings, candidate_ids,
+                      write_back) -> CacheUpdate:
+        """What this step writes: the batch's candidates, the re-encoded negatives (unless
+        `write_back=False`) and `refresh_per_step` random slots re-encoded now, with the
+        weights before the optimizer step, by the task's candidate tower."""
+        update = CacheUpdate(features, tf.stop_gradient(candidate_embeddings), candidate_ids)
+        if self.write_back:
+            (update.write_back_slots, update.write_back_embeddings,
+             update.write_back_valid) = write_back
+        if self.refresh_per_step > 0:
+            slots, cached = self.cache.refresh_candidates(self.refresh_per_step)
+            update.refresh_slots = slots
+            update.refresh_embeddings = tf.stop_gradient(
+                self._encode(cached, candidate_embeddings.dtype))
+        return update
 
     def call(
         self,
@@ -404,12 +378,8 @@ class CacheRetrieval(tfrs.tasks.Retrieval):
         all_labels = tf.concat([labels, tf.zeros_like(labels[:, :1])], axis=1)
         loss = self._loss(y_true=all_labels, y_pred=all_scores, sample_weight=sample_weight)
         if training:
-            refresh = None
-            if self.refresh_per_step > 0:
-                refresh = (self.refresh_per_step, self.candidate_model)
-            self._pending_update = CacheUpdate(
-                insert=(features, tf.stop_gradient(candidate_embeddings), candidate_ids),
-                write_back=write_back if self.write_back else None, refresh=refresh)
+            self._pending_update = self._cache_update(
+                features, candidate_embeddings, candidate_ids, write_back)
 
         update_ops = [metric.update_state(loss) for metric in self._loss_metrics]
         if compute_metrics:
