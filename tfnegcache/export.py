@@ -21,9 +21,15 @@ Malformed requests fail with `tf.errors.InvalidArgumentError` and leave the load
 serving: a wrong dtype ("... was expected to be a string tensor but is a int64 tensor"), a
 wrong rank ("Shape of tensor user_id [1,2] is not compatible with expected shape [?]"). An
 empty batch is not an error: it returns ids and scores of shape `[0, k]`.
+
+The version directory is written to a temporary sibling and renamed into place, so a failed
+export leaves no partial directory and an existing one untouched; replacing an existing
+non-empty export takes `overwrite=True`.
 """
 
 import os
+import shutil
+import uuid
 from pathlib import Path
 from typing import Optional, Union
 
@@ -79,6 +85,69 @@ def _embeddings_from(candidates, candidate_ids):
     return embeddings, candidate_ids
 
 
+_MAX_IDS_SHOWN = 5
+
+
+def _check_target(path, overwrite):
+    """Refuses to write over a file, or over a non-empty directory unless `overwrite`."""
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"`path` must be a directory or not exist. Received: path={path} "
+                              "(a file).")
+    if not overwrite and path.is_dir() and any(path.iterdir()):
+        raise FileExistsError(
+            f"`path` must not be a non-empty directory unless overwrite=True. Received: "
+            f"path={path} (holding {sorted(p.name for p in path.iterdir())[:_MAX_IDS_SHOWN]}), "
+            "overwrite=False.")
+
+
+def _write_atomically(path, write):
+    """Calls `write(directory)` on a temporary sibling of `path`, then renames it to `path`.
+
+    The sibling shares `path`'s parent, so the renames stay on one filesystem and are atomic.
+    Its name starts with a dot and is not a number, so TF Serving, which loads the numbered
+    directories of a model's base path, never picks up a half-written version. On failure the
+    temporary directory (and any parent this call created) is removed and `path` is untouched;
+    an existing `path` is moved aside, replaced, then deleted.
+
+    Args:
+      path: the directory to write; replaced if it exists.
+      write: a function writing the export into the directory it is given.
+    """
+    created = [p for p in [path.parent, *path.parent.parents] if not p.exists()]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # `os.mkdir`, not `tempfile.mkdtemp`: the directory becomes the export, so it takes the
+    # umask's permissions (mkdtemp's 0700 would hide it from a server running as another user).
+    staging = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex}"
+    os.mkdir(staging)
+    old = None
+    try:
+        write(staging)
+        if path.exists():
+            old = path.parent / f".{path.name}.old-{uuid.uuid4().hex}"
+            os.rename(path, old)
+            try:
+                os.rename(staging, path)
+            except BaseException:
+                os.rename(old, path)
+                raise
+        else:
+            os.rename(staging, path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        for parent in created:  # deepest first; only the ones left empty
+            try:
+                parent.rmdir()
+            except OSError:
+                break
+        raise
+    if old is None:
+        return
+    # The new export is in place: failing to delete the old one must not report a failure.
+    shutil.rmtree(old, ignore_errors=True)
+    if old.exists():
+        tf.get_logger().warning("Could not delete the replaced export %s.", old)
+
+
 def export_retrieval_model(
     query_model: tf.keras.Model,
     candidate_embeddings_or_dataset,
@@ -92,6 +161,7 @@ def export_retrieval_model(
     input_name: str = "user_id",
     input_spec: Optional[tf.TensorSpec] = None,
     index: str = "brute_force",
+    overwrite: bool = False,
 ) -> Path:
     """Writes a SavedModel that serves the top `k` candidates for raw query features.
 
@@ -110,32 +180,42 @@ def export_retrieval_model(
       input_spec: the input's `tf.TensorSpec`; default `tf.TensorSpec([None], tf.string)`.
       index: "brute_force" (exact, `tfrs.layers.factorized_top_k.BruteForce`) or "scann"
         (`tfrs.layers.factorized_top_k.ScaNN`, needs the `scann` package).
+      overwrite: whether to replace `path` if it is a non-empty directory; the old directory
+        is replaced as a whole (none of its files remain), and only once the new export is
+        written.
 
     Returns:
       The directory written.
+
+    Raises:
+      ValueError: if `k` or `index` is invalid.
+      FileExistsError: if `path` is a file, or a non-empty directory and `overwrite` is False.
+      Nothing is written in these cases; if writing fails, `path` is left as it was.
     """
     embeddings, candidate_ids = _embeddings_from(candidate_embeddings_or_dataset, candidate_ids)
     num_candidates = int(embeddings.shape[0])
     if not 1 <= int(k) <= num_candidates:
         raise ValueError(f"`k` must be in [1, {num_candidates}] (the corpus). Received: k={k}.")
-    if input_spec is None:
-        input_spec = tf.TensorSpec([None], tf.string, name=input_name)
-    if index == "brute_force":
-        layer = tfrs.layers.factorized_top_k.BruteForce(query_model, k=int(k))
-    elif index == "scann":
-        layer = tfrs.layers.factorized_top_k.ScaNN(query_model, k=int(k))
-    else:
+    if index not in ("brute_force", "scann"):
         raise ValueError(f"`index` must be 'brute_force' or 'scann'. Received: {index!r}.")
-    layer.index(tf.cast(embeddings, tf.float32), candidate_ids)
-    served = _Served(layer, input_name, input_spec)
-    # Trace once so the signature's input carries `input_name`.
-    signature = served.serve.get_concrete_function()
     if path is None:
         path = Path(base_dir) / name / str(int(version))
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    _check_target(path, overwrite)
+    embeddings = tf.cast(embeddings, tf.float32)
+    if input_spec is None:
+        input_spec = tf.TensorSpec([None], tf.string, name=input_name)
+
+    if index == "brute_force":
+        layer = tfrs.layers.factorized_top_k.BruteForce(query_model, k=int(k))
+    else:
+        layer = tfrs.layers.factorized_top_k.ScaNN(query_model, k=int(k))
+    layer.index(embeddings, candidate_ids)
+    served = _Served(layer, input_name, input_spec)
+    # Trace once so the signature's input carries `input_name`.
+    signature = served.serve.get_concrete_function()
     options = tf.saved_model.SaveOptions(
         namespace_whitelist=["Scann"] if index == "scann" else None)
-    tf.saved_model.save(served, str(path), signatures={"serving_default": signature},
-                        options=options)
+    _write_atomically(path, lambda directory: tf.saved_model.save(
+        served, str(directory), signatures={"serving_default": signature}, options=options))
     return path
