@@ -262,6 +262,22 @@ def assert_refused(export, error, match, existing, tmp_path):
     assert list(tmp_path.iterdir()) == []  # not even the parents
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_candidate_embeddings_are_refused(trained, existing, tmp_path, bad):
+    model, corpus = trained
+    movies = model.candidate_tower(corpus.movie_tensors()).numpy()
+    rows = [3, 7, 8, 20, 30, 39]  # more than the message lists
+    movies[rows, 1] = bad
+    ids = ", ".join(repr(str(i)) for i in corpus.movie_ids[rows[:5]])
+    assert_refused(
+        lambda path, overwrite: export_retrieval_model(
+            model.query_tower, movies, corpus.movie_ids, k=K, path=path, overwrite=overwrite),
+        ValueError,
+        re.escape(f"must hold finite embeddings. Received: 6 of {len(movies)} rows with NaN "
+                  f"or Inf, candidate ids [{ids}, ...]."),
+        existing, tmp_path)
+
+
 def test_existing_export_is_replaced_only_with_overwrite(trained, tmp_path):
     model, corpus = trained
     movies = model.candidate_tower(corpus.movie_tensors())

@@ -22,9 +22,11 @@ serving: a wrong dtype ("... was expected to be a string tensor but is a int64 t
 wrong rank ("Shape of tensor user_id [1,2] is not compatible with expected shape [?]"). An
 empty batch is not an error: it returns ids and scores of shape `[0, k]`.
 
-The version directory is written to a temporary sibling and renamed into place, so a failed
-export leaves no partial directory and an existing one untouched; replacing an existing
-non-empty export takes `overwrite=True`.
+An export that would serve wrong answers is refused before anything is written: candidate
+embeddings with NaN or Inf rows (a NaN score sorts first in the index's top k). The version
+directory is written to a temporary sibling and renamed into place, so a failed export leaves no
+partial directory and an existing one untouched; replacing an existing non-empty export takes
+`overwrite=True`.
 """
 
 import os
@@ -86,6 +88,29 @@ def _embeddings_from(candidates, candidate_ids):
 
 
 _MAX_IDS_SHOWN = 5
+
+
+def _check_finite(embeddings, candidate_ids):
+    """Refuses candidate embeddings with a NaN or Inf in any row.
+
+    A NaN score compares as the largest in the index's top k, so such a candidate would come
+    back first for every query.
+
+    Args:
+      embeddings: `[n, d]` float candidate embeddings, as they will be indexed.
+      candidate_ids: `[n]` their identifiers, to name the bad rows.
+    """
+    finite_rows = tf.reduce_all(tf.math.is_finite(embeddings), axis=1).numpy()
+    if finite_rows.all():
+        return
+    bad_ids = candidate_ids.numpy()[~finite_rows]
+    shown = [i.decode("utf-8", "replace") if isinstance(i, bytes) else i.item()
+             for i in bad_ids[:_MAX_IDS_SHOWN]]
+    more = ", ..." if len(bad_ids) > _MAX_IDS_SHOWN else ""
+    raise ValueError(
+        "`candidate_embeddings_or_dataset` must hold finite embeddings. Received: "
+        f"{len(bad_ids)} of {len(finite_rows)} rows with NaN or Inf, candidate ids "
+        f"[{', '.join(map(repr, shown))}{more}].")
 
 
 def _check_target(path, overwrite):
@@ -188,7 +213,7 @@ def export_retrieval_model(
       The directory written.
 
     Raises:
-      ValueError: if `k` or `index` is invalid.
+      ValueError: if a candidate embedding is NaN or Inf, or if `k` or `index` is invalid.
       FileExistsError: if `path` is a file, or a non-empty directory and `overwrite` is False.
       Nothing is written in these cases; if writing fails, `path` is left as it was.
     """
@@ -202,7 +227,9 @@ def export_retrieval_model(
         path = Path(base_dir) / name / str(int(version))
     path = Path(path)
     _check_target(path, overwrite)
+    # Checked as indexed: a float64 beyond the float32 range becomes Inf here.
     embeddings = tf.cast(embeddings, tf.float32)
+    _check_finite(embeddings, candidate_ids)
     if input_spec is None:
         input_spec = tf.TensorSpec([None], tf.string, name=input_name)
 
