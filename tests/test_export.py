@@ -278,6 +278,56 @@ def test_non_finite_candidate_embeddings_are_refused(trained, existing, tmp_path
         existing, tmp_path)
 
 
+def test_input_spec_the_query_tower_cannot_take_is_refused(trained, existing, tmp_path):
+    model, corpus = trained
+    movies = model.candidate_tower(corpus.movie_tensors())
+    # Takes int64 ids; the default spec sends strings. Tracing alone accepts this.
+    tower = tf.keras.Sequential([tf.keras.layers.Embedding(100, movies.shape[1])],
+                                name="int_id_tower")
+    assert_refused(
+        lambda path, overwrite: export_retrieval_model(
+            tower, movies, corpus.movie_ids, k=K, path=path, overwrite=overwrite),
+        ValueError,
+        re.escape("Calling it on `input_spec` fails: Cast string to ") + ".*" + re.escape(
+            "input_spec=TensorSpec(shape=(None,), dtype=tf.string, name='user_id'), "
+            "query_model=Sequential 'int_id_tower'."),
+        existing, tmp_path)
+
+    # The spec the tower takes exports and serves.
+    path = export_retrieval_model(tower, movies, corpus.movie_ids, k=K, path=tmp_path / "i",
+                                  input_spec=tf.TensorSpec([None], tf.int64, name="user_id"))
+    serve = tf.saved_model.load(str(path)).signatures["serving_default"]
+    queries = tf.constant([1, 5], tf.int64)
+    top = tf.math.top_k(tf.matmul(tower(queries), movies, transpose_b=True), K)
+    np.testing.assert_allclose(serve(user_id=queries)["scores"].numpy(), top.values.numpy(),
+                               rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("output", ["dimension", "dtype"])
+def test_query_tower_output_unlike_the_candidates_is_refused(trained, existing, tmp_path,
+                                                             output):
+    model, corpus = trained
+    movies = model.candidate_tower(corpus.movie_tensors())
+    dim = movies.shape[1]
+    lookup = tf.keras.layers.StringLookup(vocabulary=list(corpus.users))
+    if output == "dimension":
+        tower = tf.keras.Sequential([lookup, tf.keras.layers.Embedding(len(corpus.users) + 1,
+                                                                       dim + 3)])
+        problem = f"Its output shape is (None, {dim + 3}), the candidate embeddings' shape is " \
+                  f"({len(movies)}, {dim})."
+    else:
+        tower = tf.keras.Sequential([lookup, tf.keras.layers.Lambda(
+            lambda ids: tf.tile(ids[:, None], [1, dim]))])
+        problem = "Its output dtype is int64, not a float."
+    assert_refused(
+        lambda path, overwrite: export_retrieval_model(
+            tower, movies, corpus.movie_ids, k=K, path=path, overwrite=overwrite),
+        ValueError,
+        re.escape(f"`query_model` must map `input_spec` to float embeddings [batch, {dim}] "
+                  f"(the candidate embeddings' dimension). {problem}"),
+        existing, tmp_path)
+
+
 def test_existing_export_is_replaced_only_with_overwrite(trained, tmp_path):
     model, corpus = trained
     movies = model.candidate_tower(corpus.movie_tensors())

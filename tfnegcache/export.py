@@ -23,10 +23,11 @@ wrong rank ("Shape of tensor user_id [1,2] is not compatible with expected shape
 empty batch is not an error: it returns ids and scores of shape `[0, k]`.
 
 An export that would serve wrong answers is refused before anything is written: candidate
-embeddings with NaN or Inf rows (a NaN score sorts first in the index's top k). The version
-directory is written to a temporary sibling and renamed into place, so a failed export leaves no
-partial directory and an existing one untouched; replacing an existing non-empty export takes
-`overwrite=True`.
+embeddings with NaN or Inf rows (a NaN score sorts first in the index's top k), and a query
+tower that `input_spec` does not fit or that does not return `[batch, d]` floats (otherwise the
+export succeeds and every request fails). The version directory is written to a temporary
+sibling and renamed into place, so a failed export leaves no partial directory and an existing
+one untouched; replacing an existing non-empty export takes `overwrite=True`.
 """
 
 import os
@@ -111,6 +112,55 @@ def _check_finite(embeddings, candidate_ids):
         "`candidate_embeddings_or_dataset` must hold finite embeddings. Received: "
         f"{len(bad_ids)} of {len(finite_rows)} rows with NaN or Inf, candidate ids "
         f"[{', '.join(map(repr, shown))}{more}].")
+
+
+def _describe(model):
+    return f"{type(model).__name__} {getattr(model, 'name', '')!r}"
+
+
+def _check_query_model(query_model, input_spec, candidate_shape):
+    """Refuses a query tower that `input_spec` does not fit or that does not return `[batch, d]`.
+
+    Tracing alone accepts a mismatched dtype (a string-to-int `Cast` is a valid graph whose
+    kernel does not exist), so the traced tower is also run on a batch of zero rows: that
+    creates every kernel without needing a valid query value.
+
+    Args:
+      query_model: the query tower.
+      input_spec: the serving input's `tf.TensorSpec`, `[batch, ...]`.
+      candidate_shape: `[n, d]`, the candidate embeddings' shape.
+    """
+    dim = candidate_shape[1]
+
+    def fails(problem):
+        return ValueError(
+            f"`query_model` must map `input_spec` to float embeddings [batch, {dim}] (the "
+            f"candidate embeddings' dimension). {problem} Received: input_spec={input_spec}, "
+            f"query_model={_describe(query_model)}.")
+
+    ran = None
+    try:
+        traced = tf.function(query_model).get_concrete_function(input_spec)
+        outputs = traced.structured_outputs
+        if input_spec.shape.rank is not None:
+            empty = tf.zeros([d or 0 for d in input_spec.shape.as_list()], input_spec.dtype)
+            ran = traced(empty)
+    except Exception as error:  # pylint: disable=broad-except; re-raised with context
+        message = str(error).strip()
+        if isinstance(error, tf.errors.OpError):
+            # The message is a traceback of where the failing op was built, then the problem.
+            message = error.message.strip().split("\n\n")[-1].splitlines()[0]
+        raise fails(f"Calling it on `input_spec` fails: {message}") from error
+    if not isinstance(outputs, tf.Tensor):
+        raise fails(f"It returns {type(outputs).__name__}, not a single tensor.")
+    shape = outputs.shape
+    if shape.rank == 2 and shape[1] is None and ran is not None:
+        shape = tf.TensorShape([shape[0], ran.shape[1]])  # unknown when traced, known once run
+    if shape.rank != 2 or shape[1] != dim:
+        raise fails(f"Its output shape is {shape}, the candidate embeddings' shape is "
+                    f"{candidate_shape}.")
+    if not outputs.dtype.is_floating:
+        raise fails(f"Its output dtype is {outputs.dtype.name}, not a float.")
 
 
 def _check_target(path, overwrite):
@@ -213,7 +263,8 @@ def export_retrieval_model(
       The directory written.
 
     Raises:
-      ValueError: if a candidate embedding is NaN or Inf, or if `k` or `index` is invalid.
+      ValueError: if a candidate embedding is NaN or Inf, if `query_model` cannot be called
+        on `input_spec` or does not return float `[batch, d]`, or if `k` or `index` is invalid.
       FileExistsError: if `path` is a file, or a non-empty directory and `overwrite` is False.
       Nothing is written in these cases; if writing fails, `path` is left as it was.
     """
@@ -232,6 +283,7 @@ def export_retrieval_model(
     _check_finite(embeddings, candidate_ids)
     if input_spec is None:
         input_spec = tf.TensorSpec([None], tf.string, name=input_name)
+    _check_query_model(query_model, input_spec, embeddings.shape)
 
     if index == "brute_force":
         layer = tfrs.layers.factorized_top_k.BruteForce(query_model, k=int(k))
