@@ -145,11 +145,13 @@ def _check_query_model(query_model, input_spec, candidate_shape):
         if input_spec.shape.rank is not None:
             empty = tf.zeros([d or 0 for d in input_spec.shape.as_list()], input_spec.dtype)
             ran = traced(empty)
-    except Exception as error:  # pylint: disable=broad-except; re-raised with context
+    # Whatever fails here would fail every request: re-raised with the spec and tower named.
+    except Exception as error:  # pylint: disable=broad-except
         message = str(error).strip()
         if isinstance(error, tf.errors.OpError):
             # The message is a traceback of where the failing op was built, then the problem.
             message = error.message.strip().split("\n\n")[-1].splitlines()[0]
+        message = message if message.endswith((".", ":")) else message + "."
         raise fails(f"Calling it on `input_spec` fails: {message}") from error
     if not isinstance(outputs, tf.Tensor):
         raise fails(f"It returns {type(outputs).__name__}, not a single tensor.")
