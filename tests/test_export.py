@@ -1,6 +1,7 @@
 """export_retrieval_model: a SavedModel serving top-k movie ids for raw user ids."""
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -227,3 +228,153 @@ def test_malformed_requests_fail_clearly_and_the_model_keeps_serving(trained, tm
     out = serve(user_id=tf.constant(["", "no-such-user"]))
     assert out["ids"].numpy()[0].tolist() == out["ids"].numpy()[1].tolist()
     serves_a_good_request()
+
+
+def snapshot(directory):
+    """Every file and directory under `directory`, with the files' bytes; None if absent."""
+    if not directory.exists():
+        return None
+    return {str(p.relative_to(directory)): p.read_bytes() if p.is_file() else None
+            for p in sorted(directory.rglob("*"))}
+
+
+@pytest.fixture(name="existing", scope="module")
+def fixture_existing(trained, tmp_path_factory):
+    """An export that tests expecting a refusal point at; they check that it stays as it is."""
+    model, corpus = trained
+    movies = model.candidate_tower(corpus.movie_tensors())
+    path = export_retrieval_model(model.query_tower, movies, corpus.movie_ids, k=K,
+                                  path=tmp_path_factory.mktemp("existing") / "ml" / "1")
+    (path / "unrelated.txt").write_text("not part of the export")
+    return path
+
+
+def assert_refused(export, error, match, existing, tmp_path):
+    """`export(path, overwrite)` raises for an existing target and a new one; neither changes."""
+    before, listing = snapshot(existing), sorted(p.name for p in existing.parent.iterdir())
+    with pytest.raises(error, match=match):
+        export(existing, True)
+    assert snapshot(existing) == before
+    assert sorted(p.name for p in existing.parent.iterdir()) == listing  # no temp dir left
+    new = tmp_path / "new" / "ml" / "1"
+    with pytest.raises(error, match=match):
+        export(new, False)
+    assert list(tmp_path.iterdir()) == []  # not even the parents
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_candidate_embeddings_are_refused(trained, existing, tmp_path, bad):
+    model, corpus = trained
+    movies = model.candidate_tower(corpus.movie_tensors()).numpy()
+    rows = [3, 7, 8, 20, 30, 39]  # more than the message lists
+    movies[rows, 1] = bad
+    ids = ", ".join(repr(str(i)) for i in corpus.movie_ids[rows[:5]])
+    assert_refused(
+        lambda path, overwrite: export_retrieval_model(
+            model.query_tower, movies, corpus.movie_ids, k=K, path=path, overwrite=overwrite),
+        ValueError,
+        re.escape(f"must hold finite embeddings. Received: 6 of {len(movies)} rows with NaN "
+                  f"or Inf, candidate ids [{ids}, ...]."),
+        existing, tmp_path)
+
+
+def test_input_spec_the_query_tower_cannot_take_is_refused(trained, existing, tmp_path):
+    model, corpus = trained
+    movies = model.candidate_tower(corpus.movie_tensors())
+    # Takes int64 ids; the default spec sends strings. Tracing alone accepts this.
+    tower = tf.keras.Sequential([tf.keras.layers.Embedding(100, movies.shape[1])],
+                                name="int_id_tower")
+    assert_refused(
+        lambda path, overwrite: export_retrieval_model(
+            tower, movies, corpus.movie_ids, k=K, path=path, overwrite=overwrite),
+        ValueError,
+        re.escape("Calling it on `input_spec` fails: Cast string to ")
+        + r"\w+ is not supported\. Received: "
+        + re.escape("input_spec=TensorSpec(shape=(None,), dtype=tf.string, name='user_id'), "
+                    "query_model=Sequential 'int_id_tower'."),
+        existing, tmp_path)
+
+    # The spec the tower takes exports and serves.
+    path = export_retrieval_model(tower, movies, corpus.movie_ids, k=K, path=tmp_path / "i",
+                                  input_spec=tf.TensorSpec([None], tf.int64, name="user_id"))
+    serve = tf.saved_model.load(str(path)).signatures["serving_default"]
+    queries = tf.constant([1, 5], tf.int64)
+    top = tf.math.top_k(tf.matmul(tower(queries), movies, transpose_b=True), K)
+    np.testing.assert_allclose(serve(user_id=queries)["scores"].numpy(), top.values.numpy(),
+                               rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("output", ["dimension", "dtype"])
+def test_query_tower_output_unlike_the_candidates_is_refused(trained, existing, tmp_path,
+                                                             output):
+    model, corpus = trained
+    movies = model.candidate_tower(corpus.movie_tensors())
+    dim = movies.shape[1]
+    lookup = tf.keras.layers.StringLookup(vocabulary=list(corpus.users))
+    if output == "dimension":
+        tower = tf.keras.Sequential([lookup, tf.keras.layers.Embedding(len(corpus.users) + 1,
+                                                                       dim + 3)])
+        problem = f"Its output shape is (None, {dim + 3}), the candidate embeddings' shape is " \
+                  f"({len(movies)}, {dim})."
+    else:
+        tower = tf.keras.Sequential([lookup, tf.keras.layers.Lambda(
+            lambda ids: tf.tile(ids[:, None], [1, dim]))])
+        problem = "Its output dtype is int64, not a float."
+    assert_refused(
+        lambda path, overwrite: export_retrieval_model(
+            tower, movies, corpus.movie_ids, k=K, path=path, overwrite=overwrite),
+        ValueError,
+        re.escape(f"`query_model` must map `input_spec` to float embeddings [batch, {dim}] "
+                  f"(the candidate embeddings' dimension). {problem}"),
+        existing, tmp_path)
+
+
+def test_existing_export_is_replaced_only_with_overwrite(trained, tmp_path):
+    model, corpus = trained
+    movies = model.candidate_tower(corpus.movie_tensors())
+    path = export_retrieval_model(model.query_tower, movies, corpus.movie_ids, k=K,
+                                  path=tmp_path / "ml" / "1")
+    (path / "unrelated.txt").write_text("left by hand")
+    before = snapshot(path)
+    with pytest.raises(FileExistsError, match=re.escape(
+            f"`path` must not be a non-empty directory unless overwrite=True. Received: "
+            f"path={path}")):
+        export_retrieval_model(model.query_tower, movies, corpus.movie_ids, k=3, path=path)
+    assert snapshot(path) == before
+
+    assert export_retrieval_model(model.query_tower, movies, corpus.movie_ids, k=3, path=path,
+                                  overwrite=True) == path
+    assert not (path / "unrelated.txt").exists()
+    assert sorted(p.name for p in path.parent.iterdir()) == ["1"]  # nothing set aside remains
+    os.mkdir(tmp_path / "plain")  # the export's permissions are the umask's, like any mkdir
+    assert path.stat().st_mode == (tmp_path / "plain").stat().st_mode
+    users = list(corpus.users[:2])
+    out = tf.saved_model.load(str(path)).signatures["serving_default"](
+        user_id=tf.constant(users))
+    _, scores = in_memory_top_k(model, corpus, users, 3)
+    np.testing.assert_allclose(out["scores"].numpy(), scores, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("failing", ["save", "rename"])
+def test_failed_write_leaves_the_target_as_it_was(trained, existing, tmp_path, monkeypatch,
+                                                  failing):
+    model, corpus = trained
+    movies = model.candidate_tower(corpus.movie_tensors())
+    if failing == "save":
+        def save(obj, export_dir, *args, **kwargs):
+            del obj, args, kwargs
+            (Path(export_dir) / "saved_model.pb").write_bytes(b"half written")
+            raise RuntimeError("disk full")
+        monkeypatch.setattr(tf.saved_model, "save", save)
+    else:
+        rename = os.rename
+
+        def rename_except_into_place(src, dst):
+            if ".tmp-" in str(src):  # the new export moving into place
+                raise RuntimeError("disk full")
+            rename(src, dst)
+        monkeypatch.setattr(os, "rename", rename_except_into_place)
+    assert_refused(
+        lambda path, overwrite: export_retrieval_model(
+            model.query_tower, movies, corpus.movie_ids, k=K, path=path, overwrite=overwrite),
+        RuntimeError, "disk full", existing, tmp_path)

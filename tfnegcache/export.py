@@ -21,9 +21,18 @@ Malformed requests fail with `tf.errors.InvalidArgumentError` and leave the load
 serving: a wrong dtype ("... was expected to be a string tensor but is a int64 tensor"), a
 wrong rank ("Shape of tensor user_id [1,2] is not compatible with expected shape [?]"). An
 empty batch is not an error: it returns ids and scores of shape `[0, k]`.
+
+An export that would serve wrong answers is refused before anything is written: candidate
+embeddings with NaN or Inf rows (a NaN score sorts first in the index's top k), and a query
+tower that `input_spec` does not fit or that does not return `[batch, d]` floats (otherwise the
+export succeeds and every request fails). The version directory is written to a temporary
+sibling and renamed into place, so a failed export leaves no partial directory and an existing
+one untouched; replacing an existing non-empty export takes `overwrite=True`.
 """
 
 import os
+import shutil
+import uuid
 from pathlib import Path
 from typing import Optional, Union
 
@@ -79,6 +88,143 @@ def _embeddings_from(candidates, candidate_ids):
     return embeddings, candidate_ids
 
 
+_MAX_IDS_SHOWN = 5
+
+
+def _check_finite(embeddings, candidate_ids):
+    """Refuses candidate embeddings with a NaN or Inf in any row.
+
+    A NaN score compares as the largest in the index's top k, so such a candidate would come
+    back first for every query.
+
+    Args:
+      embeddings: `[n, d]` float candidate embeddings, as they will be indexed.
+      candidate_ids: `[n]` their identifiers, to name the bad rows.
+    """
+    finite_rows = tf.reduce_all(tf.math.is_finite(embeddings), axis=1).numpy()
+    if finite_rows.all():
+        return
+    bad_ids = candidate_ids.numpy()[~finite_rows]
+    shown = [i.decode("utf-8", "replace") if isinstance(i, bytes) else i.item()
+             for i in bad_ids[:_MAX_IDS_SHOWN]]
+    more = ", ..." if len(bad_ids) > _MAX_IDS_SHOWN else ""
+    raise ValueError(
+        "`candidate_embeddings_or_dataset` must hold finite embeddings. Received: "
+        f"{len(bad_ids)} of {len(finite_rows)} rows with NaN or Inf, candidate ids "
+        f"[{', '.join(map(repr, shown))}{more}].")
+
+
+def _describe(model):
+    return f"{type(model).__name__} {getattr(model, 'name', '')!r}"
+
+
+def _check_query_model(query_model, input_spec, candidate_shape):
+    """Refuses a query tower that `input_spec` does not fit or that does not return `[batch, d]`.
+
+    Tracing alone accepts a mismatched dtype (a string-to-int `Cast` is a valid graph whose
+    kernel does not exist), so the traced tower is also run on a batch of zero rows: that
+    creates every kernel without needing a valid query value.
+
+    Args:
+      query_model: the query tower.
+      input_spec: the serving input's `tf.TensorSpec`, `[batch, ...]`.
+      candidate_shape: `[n, d]`, the candidate embeddings' shape.
+    """
+    dim = candidate_shape[1]
+
+    def fails(problem):
+        return ValueError(
+            f"`query_model` must map `input_spec` to float embeddings [batch, {dim}] (the "
+            f"candidate embeddings' dimension). {problem} Received: input_spec={input_spec}, "
+            f"query_model={_describe(query_model)}.")
+
+    ran = None
+    try:
+        traced = tf.function(query_model).get_concrete_function(input_spec)
+        outputs = traced.structured_outputs
+        if input_spec.shape.rank is not None:
+            empty = tf.zeros([d or 0 for d in input_spec.shape.as_list()], input_spec.dtype)
+            ran = traced(empty)
+    # Whatever fails here would fail every request: re-raised with the spec and tower named.
+    except Exception as error:  # pylint: disable=broad-except
+        message = str(error).strip()
+        if isinstance(error, tf.errors.OpError):
+            # The message is a traceback of where the failing op was built, then the problem.
+            message = error.message.strip().split("\n\n")[-1].splitlines()[0]
+        message = message if message.endswith((".", ":")) else message + "."
+        raise fails(f"Calling it on `input_spec` fails: {message}") from error
+    if not isinstance(outputs, tf.Tensor):
+        raise fails(f"It returns {type(outputs).__name__}, not a single tensor.")
+    shape = outputs.shape
+    if shape.rank == 2 and shape[1] is None and ran is not None:
+        shape = tf.TensorShape([shape[0], ran.shape[1]])  # unknown when traced, known once run
+    if shape.rank != 2 or shape[1] != dim:
+        raise fails(f"Its output shape is {shape}, the candidate embeddings' shape is "
+                    f"{candidate_shape}.")
+    if not outputs.dtype.is_floating:
+        raise fails(f"Its output dtype is {outputs.dtype.name}, not a float.")
+
+
+def _check_target(path, overwrite):
+    """Refuses to write over a file, or over a non-empty directory unless `overwrite`."""
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"`path` must be a directory or not exist. Received: path={path} "
+                              "(a file).")
+    if not overwrite and path.is_dir() and any(path.iterdir()):
+        raise FileExistsError(
+            f"`path` must not be a non-empty directory unless overwrite=True. Received: "
+            f"path={path} (holding {sorted(p.name for p in path.iterdir())[:_MAX_IDS_SHOWN]}), "
+            "overwrite=False.")
+
+
+def _write_atomically(path, write):
+    """Calls `write(directory)` on a temporary sibling of `path`, then renames it to `path`.
+
+    The sibling shares `path`'s parent, so the renames stay on one filesystem and are atomic.
+    Its name starts with a dot and is not a number, so TF Serving, which loads the numbered
+    directories of a model's base path, never picks up a half-written version. On failure the
+    temporary directory (and any parent this call created) is removed and `path` is untouched;
+    an existing `path` is moved aside, replaced, then deleted.
+
+    Args:
+      path: the directory to write; replaced if it exists.
+      write: a function writing the export into the directory it is given.
+    """
+    created = [p for p in [path.parent, *path.parent.parents] if not p.exists()]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # `os.mkdir`, not `tempfile.mkdtemp`: the directory becomes the export, so it takes the
+    # umask's permissions (mkdtemp's 0700 would hide it from a server running as another user).
+    staging = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex}"
+    os.mkdir(staging)
+    old = None
+    try:
+        write(staging)
+        if path.exists():
+            old = path.parent / f".{path.name}.old-{uuid.uuid4().hex}"
+            os.rename(path, old)
+            try:
+                os.rename(staging, path)
+            except BaseException:
+                os.rename(old, path)
+                raise
+        else:
+            os.rename(staging, path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        for parent in created:  # deepest first; only the ones left empty
+            try:
+                parent.rmdir()
+            except OSError:
+                break
+        raise
+    if old is None:
+        return
+    # The new export is in place: failing to delete the old one must not report a failure.
+    shutil.rmtree(old, ignore_errors=True)
+    if old.exists():
+        tf.get_logger().warning("Could not delete the replaced export %s.", old)
+
+
 def export_retrieval_model(
     query_model: tf.keras.Model,
     candidate_embeddings_or_dataset,
@@ -92,6 +238,7 @@ def export_retrieval_model(
     input_name: str = "user_id",
     input_spec: Optional[tf.TensorSpec] = None,
     index: str = "brute_force",
+    overwrite: bool = False,
 ) -> Path:
     """Writes a SavedModel that serves the top `k` candidates for raw query features.
 
@@ -110,32 +257,46 @@ def export_retrieval_model(
       input_spec: the input's `tf.TensorSpec`; default `tf.TensorSpec([None], tf.string)`.
       index: "brute_force" (exact, `tfrs.layers.factorized_top_k.BruteForce`) or "scann"
         (`tfrs.layers.factorized_top_k.ScaNN`, needs the `scann` package).
+      overwrite: whether to replace `path` if it is a non-empty directory; the old directory
+        is replaced as a whole (none of its files remain), and only once the new export is
+        written.
 
     Returns:
       The directory written.
+
+    Raises:
+      ValueError: if a candidate embedding is NaN or Inf, if `query_model` cannot be called
+        on `input_spec` or does not return float `[batch, d]`, or if `k` or `index` is invalid.
+      FileExistsError: if `path` is a file, or a non-empty directory and `overwrite` is False.
+      Nothing is written in these cases; if writing fails, `path` is left as it was.
     """
     embeddings, candidate_ids = _embeddings_from(candidate_embeddings_or_dataset, candidate_ids)
     num_candidates = int(embeddings.shape[0])
     if not 1 <= int(k) <= num_candidates:
         raise ValueError(f"`k` must be in [1, {num_candidates}] (the corpus). Received: k={k}.")
-    if input_spec is None:
-        input_spec = tf.TensorSpec([None], tf.string, name=input_name)
-    if index == "brute_force":
-        layer = tfrs.layers.factorized_top_k.BruteForce(query_model, k=int(k))
-    elif index == "scann":
-        layer = tfrs.layers.factorized_top_k.ScaNN(query_model, k=int(k))
-    else:
+    if index not in ("brute_force", "scann"):
         raise ValueError(f"`index` must be 'brute_force' or 'scann'. Received: {index!r}.")
-    layer.index(tf.cast(embeddings, tf.float32), candidate_ids)
-    served = _Served(layer, input_name, input_spec)
-    # Trace once so the signature's input carries `input_name`.
-    signature = served.serve.get_concrete_function()
     if path is None:
         path = Path(base_dir) / name / str(int(version))
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    _check_target(path, overwrite)
+    # Checked as indexed: a float64 beyond the float32 range becomes Inf here.
+    embeddings = tf.cast(embeddings, tf.float32)
+    _check_finite(embeddings, candidate_ids)
+    if input_spec is None:
+        input_spec = tf.TensorSpec([None], tf.string, name=input_name)
+    _check_query_model(query_model, input_spec, embeddings.shape)
+
+    if index == "brute_force":
+        layer = tfrs.layers.factorized_top_k.BruteForce(query_model, k=int(k))
+    else:
+        layer = tfrs.layers.factorized_top_k.ScaNN(query_model, k=int(k))
+    layer.index(embeddings, candidate_ids)
+    served = _Served(layer, input_name, input_spec)
+    # Trace once so the signature's input carries `input_name`.
+    signature = served.serve.get_concrete_function()
     options = tf.saved_model.SaveOptions(
         namespace_whitelist=["Scann"] if index == "scann" else None)
-    tf.saved_model.save(served, str(path), signatures={"serving_default": signature},
-                        options=options)
+    _write_atomically(path, lambda directory: tf.saved_model.save(
+        served, str(directory), signatures={"serving_default": signature}, options=options))
     return path
