@@ -222,23 +222,35 @@ def tutorial_split(
     return order[:num_train], order[num_train:]
 
 
-def temporal_split(data: MovieLens) -> Tuple[np.ndarray, np.ndarray]:
-    """Per-user leave-last-out: each user's latest rating is test, the others train.
+def temporal_split(data: MovieLens, seed: int = 0) -> Tuple[np.ndarray, np.ndarray]:
+    """Per-user leave-last-out: one of each user's latest ratings is test, the others train.
 
-    Ratings are in canonical order (timestamp, then user, then movie), so a user's last row
-    is their latest rating, ties in timestamp broken by movie id.
+    When several of a user's ratings share the latest timestamp (MovieLens records seconds,
+    and users often rate a batch of movies at once), the held-out one is drawn uniformly at
+    random among them with `np.random.default_rng(seed)`. Breaking the tie by a fixed order
+    instead (e.g. the largest movie id, the last row in canonical order) would bias the test
+    set towards whatever that order favours: MovieLens ids were assigned roughly in order of
+    addition to the catalogue, so later ids are less popular movies. Earlier ratings are never
+    held out.
 
     Args:
       data: the loaded data.
+      seed: the seed of the tie-breaking draw; the split is a deterministic function of the
+        data and the seed.
 
     Returns:
       (train, test): int64 row numbers into `data.ratings`, ascending; test has one row per
       user ([943] for MovieLens 100k), train the other rows.
     """
     users = data.ratings["user_id"]
-    # np.unique returns each value's first index; on the reversed array that is the last row.
-    _, first_in_reversed = np.unique(users[::-1], return_index=True)
-    test = np.sort(len(users) - 1 - first_in_reversed).astype(np.int64)
+    timestamps = data.ratings["timestamp"]
+    # One uniform key per row; a user's test row is the one with the latest timestamp and,
+    # among those tied on it, the largest key: a uniform draw among the tied rows.
+    keys = np.random.default_rng(seed).random(len(users))
+    order = np.lexsort((keys, timestamps, users))
+    sorted_users = users[order]
+    is_last = np.append(sorted_users[1:] != sorted_users[:-1], True)
+    test = np.sort(order[is_last]).astype(np.int64)
     is_test = np.zeros(len(users), dtype=bool)
     is_test[test] = True
     return np.flatnonzero(~is_test).astype(np.int64), test
