@@ -1,6 +1,7 @@
 """Tests for tfnegcache.datasets.movielens, offline, on tiny fixture files of both layouts."""
 
 import socket
+import sys
 import types
 import zipfile
 
@@ -374,6 +375,9 @@ def test_recbole_fetch_fills_the_cache_and_the_cache_is_reused(
     assert (cache / "ml-100k.item").read_text(encoding="utf-8") == RECBOLE_ITEM
     assert (cache / "ml-100k.user").read_text() == RECBOLE_USER
     assert capsys.readouterr().err == (
+        "tfnegcache: downloading MovieLens 100k inside the wheel recbole==1.2.1 from the "
+        "package index (`pip download`, PyPI unless pip is configured otherwise); its data "
+        f"files are cached in {cache}\n"
         f"tfnegcache: MovieLens 100k from RecBole atomic files in {cache} "
         "(fetched from the PyPI wheel recbole==1.2.1)\n"
     )
@@ -386,6 +390,22 @@ def test_recbole_fetch_fills_the_cache_and_the_cache_is_reused(
     assert_same_data(fetched, cached)
     grouplens = movielens.load(data_dir=write_grouplens(tmp_path / "g"), verbose=False)
     assert_same_data(cached, grouplens)
+
+
+def test_recbole_download_line_only_when_verbose(tmp_path, monkeypatch, offline, capsys):
+    monkeypatch.setattr(movielens, "_pip_download",
+                        lambda requirement, dest_dir: fake_wheel(dest_dir / "recbole-1.2.1-py3-none-any.whl"))
+    movielens.load(cache_dir=tmp_path / "cache", sources=("recbole",), verbose=False)
+    assert capsys.readouterr().err == ""
+
+
+def test_tfds_source_without_tensorflow_datasets_names_the_extra(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # import now raises
+    with pytest.raises(movielens.MovieLensUnavailable) as error:
+        movielens.load(cache_dir=tmp_path / "cache", sources=("tfds",), verbose=False)
+    assert ("- tfds: ImportError: The TFDS source of MovieLens 100k needs tensorflow-datasets, "
+            "which is not installed. Install the examples extra: "
+            'pip install "tfnegcache[examples]"') in str(error.value)
 
 
 def test_recbole_wheel_without_the_files_fails_and_leaves_no_cache(

@@ -12,7 +12,11 @@ works, in this order unless `sources` says otherwise:
    falls through at once instead of hanging);
 4. `"recbole"`: the RecBole atomic files shipped inside the PyPI wheel `recbole==1.2.1`,
    fetched with `pip download` (no install, no dependencies) and extracted into the cache, so
-   the next load reads the cache and runs no pip at all.
+   the next load reads the cache and runs no pip at all. A line on stderr says so when it
+   downloads.
+
+The "tfds" source needs `tensorflow-datasets`, from the `examples` extra
+(`pip install "tfnegcache[examples]"`); without it that source is skipped with the reason.
 
 A line on stderr says which source was used; `MovieLensUnavailable` lists every source tried
 and why it failed when none works.
@@ -48,6 +52,8 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Uni
 
 import numpy as np
 import tensorflow as tf
+
+from tfnegcache._extras import import_extra
 
 GENRES: Tuple[str, ...] = (
     "unknown",
@@ -178,7 +184,7 @@ def load(
         "dir": lambda: _load_dir_source(data_dir),
         "cache": lambda: _load_directory(cache, origin="cached"),
         "tfds": lambda: _load_tfds(cache / "tfds"),
-        "recbole": lambda: _load_recbole(cache),
+        "recbole": lambda: _load_recbole(cache, verbose),
     }
     failures = []
     for name in sources:
@@ -529,9 +535,14 @@ def _extract_recbole_files(wheel: Path, dest_dir: Path) -> None:
             os.replace(partial, dest_dir / name)
 
 
-def _load_recbole(cache_dir: Path) -> MovieLens:
+def _load_recbole(cache_dir: Path, verbose: bool = True) -> MovieLens:
     """Fetches the recbole wheel, extracts the atomic files into `cache_dir` and reads them."""
     requirement = f"recbole=={RECBOLE_VERSION}"
+    if verbose:
+        # A download is a side effect worth a line: what, from where, and where it stays.
+        print(f"tfnegcache: downloading MovieLens 100k inside the wheel {requirement} from "
+              "the package index (`pip download`, PyPI unless pip is configured otherwise); "
+              f"its data files are cached in {cache_dir}", file=sys.stderr, flush=True)
     cache_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache_dir, prefix=".wheel-") as download_dir:
         _pip_download(requirement, Path(download_dir))
@@ -636,9 +647,8 @@ def _tfds_builders(tfds_dir: Path):
     GroupLens host is probed with a short timeout before TFDS downloads into `tfds_dir`, since
     an unreachable host can otherwise stall the download for minutes.
     """
-    # pylint: disable=g-import-not-at-top
-    import tensorflow_datasets as tfds
-    from tensorflow_datasets.core import constants
+    tfds = import_extra("tensorflow_datasets", "The TFDS source of MovieLens 100k")
+    from tensorflow_datasets.core import constants  # pylint: disable=g-import-not-at-top
 
     names = ("movielens/100k-ratings", "movielens/100k-movies")
     data_dirs = (str(tfds_dir), constants.get_default_data_dir())

@@ -37,6 +37,7 @@ import tensorflow as tf
 import tensorflow_recommenders as tfrs
 
 import tfnegcache
+from tfnegcache._extras import import_extra
 from tfnegcache.datasets import movielens
 
 STRATEGIES = ("in-batch", "in-batch-logq", "full-softmax", "negative-cache")
@@ -298,10 +299,10 @@ def format_table(results: Dict) -> str:
 
 def plot(results: Dict, path) -> None:
     """PNG of held-out Recall@100 per epoch, one line per strategy (mean over seeds)."""
-    import matplotlib  # pylint: disable=import-outside-toplevel
+    matplotlib = import_extra("matplotlib", "The MovieLens job's plot")
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-    import matplotlib.ticker  # pylint: disable=import-outside-toplevel,unused-import
+    plt = import_extra("matplotlib.pyplot", "The MovieLens job's plot")
+    import_extra("matplotlib.ticker", "The MovieLens job's plot")
     fig, ax = plt.subplots(figsize=(6, 4))
     for r in results["table"]:
         values = r["recall@100_per_epoch"]
