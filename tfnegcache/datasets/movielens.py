@@ -48,12 +48,17 @@ import sys
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
-import tensorflow as tf
 
 from tfnegcache._extras import import_extra
+
+if TYPE_CHECKING:
+    import tensorflow as tf
+
+# TensorFlow is imported where a dataset is built, not here: the CLI checks a --data-dir
+# with `directory_layout` before TensorFlow loads.
 
 GENRES: Tuple[str, ...] = (
     "unknown",
@@ -119,7 +124,7 @@ class MovieLens:
     movies: Dict[str, np.ndarray]
     source: str
 
-    def ratings_dataset(self, indices: Optional[np.ndarray] = None) -> tf.data.Dataset:
+    def ratings_dataset(self, indices: Optional[np.ndarray] = None) -> "tf.data.Dataset":
         """The ratings (all, or the rows `indices`) as a dataset of feature dicts.
 
         Args:
@@ -131,10 +136,12 @@ class MovieLens:
           "movie_genres" float32 [19], "release_year" and "timestamp" int64, "user_rating"
           float32 scalars.
         """
+        import tensorflow as tf  # pylint: disable=g-import-not-at-top,redefined-outer-name
         return tf.data.Dataset.from_tensor_slices(_take_rows(self.ratings, indices))
 
-    def movies_dataset(self) -> tf.data.Dataset:
+    def movies_dataset(self) -> "tf.data.Dataset":
         """The movie table as a dataset of dicts with the keys and dtypes of `movies`."""
+        import tensorflow as tf  # pylint: disable=g-import-not-at-top,redefined-outer-name
         return tf.data.Dataset.from_tensor_slices(dict(self.movies))
 
 
@@ -373,12 +380,32 @@ def _load_directory(directory: Path, origin: str) -> MovieLens:
     Returns:
       The `MovieLens` data.
     """
+    if directory_layout(directory) == "grouplens":
+        return _read_grouplens(directory, origin)
+    return _read_recbole(directory, origin)
+
+
+def directory_layout(directory: PathLike) -> str:
+    """Which MovieLens 100k layout a directory holds, checking only that the files exist.
+
+    Args:
+      directory: the directory to look into.
+
+    Returns:
+      "grouplens" if it has `GROUPLENS_FILES`, else "recbole" if it has the first two of
+      `RECBOLE_FILES`.
+
+    Raises:
+      FileNotFoundError: the directory does not exist or has neither set of files; the
+        message says which, and what the directory holds.
+    """
+    directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"directory {directory} does not exist")
     if all((directory / name).is_file() for name in GROUPLENS_FILES):
-        return _read_grouplens(directory, origin)
+        return "grouplens"
     if all((directory / name).is_file() for name in RECBOLE_FILES[:2]):
-        return _read_recbole(directory, origin)
+        return "recbole"
     present = sorted(p.name for p in directory.iterdir())[:10]
     raise FileNotFoundError(
         f"{directory} has neither the GroupLens files {GROUPLENS_FILES} nor the RecBole "
@@ -586,6 +613,8 @@ def _tfds_arrays(
     Returns:
       [n] arrays per key (strings as bytes), plus "movie_genres" when asked for.
     """
+
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top,redefined-outer-name
 
     def select(example):
         features = {key: example[key] for key in keys}

@@ -39,8 +39,8 @@ import tensorflow_recommenders as tfrs
 import tfnegcache
 from tfnegcache._extras import import_extra
 from tfnegcache.datasets import movielens
+from tfnegcache.experiments import STRATEGIES
 
-STRATEGIES = ("in-batch", "in-batch-logq", "full-softmax", "negative-cache")
 TITLE_LEN = 8
 NUM_GENRES = len(movielens.GENRES)
 KS = (10, 50, 100)
