@@ -2,6 +2,8 @@
 
 from setuptools import find_packages, setup
 
+EXAMPLES = ["tensorflow-datasets>=4.9", "matplotlib>=3.8"]
+
 setup(
     name="tfnegcache",
     version="0.1.0",
@@ -13,15 +15,18 @@ setup(
     long_description_content_type="text/markdown",
     packages=find_packages(include=["tfnegcache", "tfnegcache.*"]),
     python_requires=">=3.10",
+    # The library itself: enough to import tfnegcache and train with a negative cache.
     install_requires=[
         "tensorflow>=2.21,<2.22",
         "tf-keras>=2.21,<2.22",
         "tensorflow-recommenders>=0.7.7",
-        "tensorflow-datasets>=4.9",
         "numpy>=1.26",
-        "matplotlib>=3.8",
     ],
     extras_require={
-        "test": ["pytest>=8", "scipy>=1.11", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29"],
+        # The MovieLens job (`python -m tfnegcache train`: its plot, the TFDS data source),
+        # the notebook and the benchmarks' plots.
+        "examples": EXAMPLES,
+        "test": ["pytest>=8", "scipy>=1.11", "nbclient>=0.10", "nbformat>=5.10",
+                 "ipykernel>=6.29"] + EXAMPLES,
     },
 )

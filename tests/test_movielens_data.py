@@ -1,6 +1,7 @@
 """Tests for tfnegcache.datasets.movielens, offline, on tiny fixture files of both layouts."""
 
 import socket
+import sys
 import types
 import zipfile
 
@@ -224,28 +225,85 @@ def test_tutorial_split_sizes_disjoint_covering_deterministic():
         movielens.tutorial_split(data, num_train=201)
 
 
-def test_temporal_split_holds_out_each_users_last_rating():
+def test_temporal_split_holds_out_one_of_each_users_latest_ratings():
     data = synthetic()
     train, test = movielens.temporal_split(data)
     users = data.ratings["user_id"]
     assert len(test) == 20 and len(train) == 180
+    assert train.dtype == np.int64 and test.dtype == np.int64
     np.testing.assert_array_equal(np.sort(np.concatenate([train, test])), np.arange(200))
     assert sorted(users[test]) == sorted(np.unique(users))
     timestamps = data.ratings["timestamp"]
-    movie_ids = data.ratings["movie_id"].astype(np.int64)
     for row in test:
         mine = np.flatnonzero(users == users[row])
-        latest = mine[timestamps[mine] == timestamps[mine].max()]
-        # Ties in time go to the largest movie id, the last in canonical order.
-        assert row == latest[np.argmax(movie_ids[latest])]
+        assert timestamps[row] == timestamps[mine].max()
 
 
-def test_temporal_split_breaks_ties_by_canonical_order(tmp_path, offline):
+def tied_user_data():
+    """User 1 rated movies 10 and 20 early, then 30, 40 and 50 in one second; user 2 once."""
+    movies = movielens._movie_table(  # pylint: disable=protected-access
+        ids=["10", "20", "30", "40", "50"],
+        titles=[f"Movie {i} (1990)" for i in range(5)],
+        genres=np.zeros((5, 19), np.float32),
+        years=[1990] * 5,
+    )
+    return movielens._assemble(  # pylint: disable=protected-access
+        user_ids=["1", "1", "1", "1", "1", "2"],
+        movie_ids=["10", "20", "30", "40", "50", "10"],
+        ratings=[3, 4, 5, 1, 2, 3],
+        timestamps=[100, 200, 300, 300, 300, 150],
+        movies=movies,
+        source="hand-made",
+    )
+
+
+def test_temporal_split_draws_uniformly_among_tied_latest_ratings():
+    data = tied_user_data()
+    users, movie_ids = data.ratings["user_id"], data.ratings["movie_id"]
+    num_seeds = 3000
+    counts = {}
+    for seed in range(num_seeds):
+        train, test = movielens.temporal_split(data, seed=seed)
+        # Ascending rows: user 2's only rating (time 150) comes before user 1's latest.
+        assert list(users[test]) == ["2", "1"]
+        assert movie_ids[test[0]] == "10"
+        held_out = movie_ids[test[1]]
+        counts[held_out] = counts.get(held_out, 0) + 1
+        assert len(train) == 4 and held_out not in movie_ids[train[users[train] == "1"]]
+    # Only the three ratings tied at the latest second are ever held out, never 10 or 20.
+    assert sorted(counts) == ["30", "40", "50"]
+    # Each count is Binomial(3000, 1/3): mean 1000, std 25.8. A 5-std band (+-129) fails
+    # a correct draw with probability ~1e-6 per movie, while a tie-break that favoured one
+    # movie by even 1.5x (count ~1286) falls outside it. The seeds are fixed, so the
+    # test is deterministic anyway.
+    for movie, count in counts.items():
+        assert abs(count - num_seeds / 3) < 5 * np.sqrt(num_seeds * 2 / 9), (movie, counts)
+
+
+def test_temporal_split_is_deterministic_for_a_seed():
+    data = synthetic(seed=5)
+    first = movielens.temporal_split(data, seed=7)
+    again = movielens.temporal_split(data, seed=7)
+    np.testing.assert_array_equal(first[0], again[0])
+    np.testing.assert_array_equal(first[1], again[1])
+    # The default seed is 0; synthetic() has ties, so some other seed breaks one differently.
+    np.testing.assert_array_equal(movielens.temporal_split(data)[1],
+                                  movielens.temporal_split(data, seed=0)[1])
+    assert any(not np.array_equal(first[1], movielens.temporal_split(data, seed=s)[1])
+               for s in range(8, 20))
+
+
+def test_temporal_split_on_the_fixture_files(tmp_path, offline):
     data = movielens.load(data_dir=write_grouplens(tmp_path / "g"), verbose=False)
-    train, test = movielens.temporal_split(data)
-    # User 22 rated movies 1 and 267 in the same second: 267 comes last canonically.
-    np.testing.assert_array_equal(test, [2, 4, 5])
-    np.testing.assert_array_equal(train, [0, 1, 3])
+    held_out = set()
+    for seed in range(50):
+        train, test = movielens.temporal_split(data, seed=seed)
+        # User 5's and user 196's latest ratings are rows 4 and 5; user 22 rated movies 1 and
+        # 267 in the same second (rows 1 and 2), so either may be held out.
+        assert list(test[1:]) == [4, 5] and test[0] in (1, 2)
+        np.testing.assert_array_equal(np.sort(np.concatenate([train, test])), np.arange(6))
+        held_out.add(int(test[0]))
+    assert held_out == {1, 2}
 
 
 def test_error_lists_every_source_and_reason(tmp_path, offline):
@@ -317,6 +375,9 @@ def test_recbole_fetch_fills_the_cache_and_the_cache_is_reused(
     assert (cache / "ml-100k.item").read_text(encoding="utf-8") == RECBOLE_ITEM
     assert (cache / "ml-100k.user").read_text() == RECBOLE_USER
     assert capsys.readouterr().err == (
+        "tfnegcache: downloading MovieLens 100k inside the wheel recbole==1.2.1 from the "
+        "package index (`pip download`, PyPI unless pip is configured otherwise); its data "
+        f"files are cached in {cache}\n"
         f"tfnegcache: MovieLens 100k from RecBole atomic files in {cache} "
         "(fetched from the PyPI wheel recbole==1.2.1)\n"
     )
@@ -329,6 +390,22 @@ def test_recbole_fetch_fills_the_cache_and_the_cache_is_reused(
     assert_same_data(fetched, cached)
     grouplens = movielens.load(data_dir=write_grouplens(tmp_path / "g"), verbose=False)
     assert_same_data(cached, grouplens)
+
+
+def test_recbole_download_line_only_when_verbose(tmp_path, monkeypatch, offline, capsys):
+    monkeypatch.setattr(movielens, "_pip_download",
+                        lambda requirement, dest_dir: fake_wheel(dest_dir / "recbole-1.2.1-py3-none-any.whl"))
+    movielens.load(cache_dir=tmp_path / "cache", sources=("recbole",), verbose=False)
+    assert capsys.readouterr().err == ""
+
+
+def test_tfds_source_without_tensorflow_datasets_names_the_extra(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # import now raises
+    with pytest.raises(movielens.MovieLensUnavailable) as error:
+        movielens.load(cache_dir=tmp_path / "cache", sources=("tfds",), verbose=False)
+    assert ("- tfds: ImportError: The TFDS source of MovieLens 100k needs tensorflow-datasets, "
+            "which is not installed. Install the examples extra: "
+            'pip install "tfnegcache[examples]"') in str(error.value)
 
 
 def test_recbole_wheel_without_the_files_fails_and_leaves_no_cache(

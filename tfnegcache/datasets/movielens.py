@@ -12,7 +12,11 @@ works, in this order unless `sources` says otherwise:
    falls through at once instead of hanging);
 4. `"recbole"`: the RecBole atomic files shipped inside the PyPI wheel `recbole==1.2.1`,
    fetched with `pip download` (no install, no dependencies) and extracted into the cache, so
-   the next load reads the cache and runs no pip at all.
+   the next load reads the cache and runs no pip at all. A line on stderr says so when it
+   downloads.
+
+The "tfds" source needs `tensorflow-datasets`, from the `examples` extra
+(`pip install "tfnegcache[examples]"`); without it that source is skipped with the reason.
 
 A line on stderr says which source was used; `MovieLensUnavailable` lists every source tried
 and why it failed when none works.
@@ -44,10 +48,17 @@ import sys
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
-import tensorflow as tf
+
+from tfnegcache._extras import import_extra
+
+if TYPE_CHECKING:
+    import tensorflow as tf
+
+# TensorFlow is imported where a dataset is built, not here: the CLI checks a --data-dir
+# with `directory_layout` before TensorFlow loads.
 
 GENRES: Tuple[str, ...] = (
     "unknown",
@@ -113,7 +124,7 @@ class MovieLens:
     movies: Dict[str, np.ndarray]
     source: str
 
-    def ratings_dataset(self, indices: Optional[np.ndarray] = None) -> tf.data.Dataset:
+    def ratings_dataset(self, indices: Optional[np.ndarray] = None) -> "tf.data.Dataset":
         """The ratings (all, or the rows `indices`) as a dataset of feature dicts.
 
         Args:
@@ -125,10 +136,12 @@ class MovieLens:
           "movie_genres" float32 [19], "release_year" and "timestamp" int64, "user_rating"
           float32 scalars.
         """
+        import tensorflow as tf  # pylint: disable=g-import-not-at-top,redefined-outer-name
         return tf.data.Dataset.from_tensor_slices(_take_rows(self.ratings, indices))
 
-    def movies_dataset(self) -> tf.data.Dataset:
+    def movies_dataset(self) -> "tf.data.Dataset":
         """The movie table as a dataset of dicts with the keys and dtypes of `movies`."""
+        import tensorflow as tf  # pylint: disable=g-import-not-at-top,redefined-outer-name
         return tf.data.Dataset.from_tensor_slices(dict(self.movies))
 
 
@@ -178,7 +191,7 @@ def load(
         "dir": lambda: _load_dir_source(data_dir),
         "cache": lambda: _load_directory(cache, origin="cached"),
         "tfds": lambda: _load_tfds(cache / "tfds"),
-        "recbole": lambda: _load_recbole(cache),
+        "recbole": lambda: _load_recbole(cache, verbose),
     }
     failures = []
     for name in sources:
@@ -222,23 +235,35 @@ def tutorial_split(
     return order[:num_train], order[num_train:]
 
 
-def temporal_split(data: MovieLens) -> Tuple[np.ndarray, np.ndarray]:
-    """Per-user leave-last-out: each user's latest rating is test, the others train.
+def temporal_split(data: MovieLens, seed: int = 0) -> Tuple[np.ndarray, np.ndarray]:
+    """Per-user leave-last-out: one of each user's latest ratings is test, the others train.
 
-    Ratings are in canonical order (timestamp, then user, then movie), so a user's last row
-    is their latest rating, ties in timestamp broken by movie id.
+    When several of a user's ratings share the latest timestamp (MovieLens records seconds,
+    and users often rate a batch of movies at once), the held-out one is drawn uniformly at
+    random among them with `np.random.default_rng(seed)`. Breaking the tie by a fixed order
+    instead (e.g. the largest movie id, the last row in canonical order) would bias the test
+    set towards whatever that order favours: MovieLens ids were assigned roughly in order of
+    addition to the catalogue, so later ids are less popular movies. Earlier ratings are never
+    held out.
 
     Args:
       data: the loaded data.
+      seed: the seed of the tie-breaking draw; the split is a deterministic function of the
+        data and the seed.
 
     Returns:
       (train, test): int64 row numbers into `data.ratings`, ascending; test has one row per
       user ([943] for MovieLens 100k), train the other rows.
     """
     users = data.ratings["user_id"]
-    # np.unique returns each value's first index; on the reversed array that is the last row.
-    _, first_in_reversed = np.unique(users[::-1], return_index=True)
-    test = np.sort(len(users) - 1 - first_in_reversed).astype(np.int64)
+    timestamps = data.ratings["timestamp"]
+    # One uniform key per row; a user's test row is the one with the latest timestamp and,
+    # among those tied on it, the largest key: a uniform draw among the tied rows.
+    keys = np.random.default_rng(seed).random(len(users))
+    order = np.lexsort((keys, timestamps, users))
+    sorted_users = users[order]
+    is_last = np.append(sorted_users[1:] != sorted_users[:-1], True)
+    test = np.sort(order[is_last]).astype(np.int64)
     is_test = np.zeros(len(users), dtype=bool)
     is_test[test] = True
     return np.flatnonzero(~is_test).astype(np.int64), test
@@ -355,12 +380,32 @@ def _load_directory(directory: Path, origin: str) -> MovieLens:
     Returns:
       The `MovieLens` data.
     """
+    if directory_layout(directory) == "grouplens":
+        return _read_grouplens(directory, origin)
+    return _read_recbole(directory, origin)
+
+
+def directory_layout(directory: PathLike) -> str:
+    """Which MovieLens 100k layout a directory holds, checking only that the files exist.
+
+    Args:
+      directory: the directory to look into.
+
+    Returns:
+      "grouplens" if it has `GROUPLENS_FILES`, else "recbole" if it has the first two of
+      `RECBOLE_FILES`.
+
+    Raises:
+      FileNotFoundError: the directory does not exist or has neither set of files; the
+        message says which, and what the directory holds.
+    """
+    directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"directory {directory} does not exist")
     if all((directory / name).is_file() for name in GROUPLENS_FILES):
-        return _read_grouplens(directory, origin)
+        return "grouplens"
     if all((directory / name).is_file() for name in RECBOLE_FILES[:2]):
-        return _read_recbole(directory, origin)
+        return "recbole"
     present = sorted(p.name for p in directory.iterdir())[:10]
     raise FileNotFoundError(
         f"{directory} has neither the GroupLens files {GROUPLENS_FILES} nor the RecBole "
@@ -517,9 +562,14 @@ def _extract_recbole_files(wheel: Path, dest_dir: Path) -> None:
             os.replace(partial, dest_dir / name)
 
 
-def _load_recbole(cache_dir: Path) -> MovieLens:
+def _load_recbole(cache_dir: Path, verbose: bool = True) -> MovieLens:
     """Fetches the recbole wheel, extracts the atomic files into `cache_dir` and reads them."""
     requirement = f"recbole=={RECBOLE_VERSION}"
+    if verbose:
+        # A download is a side effect worth a line: what, from where, and where it stays.
+        print(f"tfnegcache: downloading MovieLens 100k inside the wheel {requirement} from "
+              "the package index (`pip download`, PyPI unless pip is configured otherwise); "
+              f"its data files are cached in {cache_dir}", file=sys.stderr, flush=True)
     cache_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache_dir, prefix=".wheel-") as download_dir:
         _pip_download(requirement, Path(download_dir))
@@ -563,6 +613,8 @@ def _tfds_arrays(
     Returns:
       [n] arrays per key (strings as bytes), plus "movie_genres" when asked for.
     """
+
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top,redefined-outer-name
 
     def select(example):
         features = {key: example[key] for key in keys}
@@ -624,9 +676,8 @@ def _tfds_builders(tfds_dir: Path):
     GroupLens host is probed with a short timeout before TFDS downloads into `tfds_dir`, since
     an unreachable host can otherwise stall the download for minutes.
     """
-    # pylint: disable=g-import-not-at-top
-    import tensorflow_datasets as tfds
-    from tensorflow_datasets.core import constants
+    tfds = import_extra("tensorflow_datasets", "The TFDS source of MovieLens 100k")
+    from tensorflow_datasets.core import constants  # pylint: disable=g-import-not-at-top
 
     names = ("movielens/100k-ratings", "movielens/100k-movies")
     data_dirs = (str(tfds_dir), constants.get_default_data_dir())
