@@ -111,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="model name: the directory under --export-dir")
     export.add_argument("--version", default="1",
                         help="model version: the directory under --name")
+    export.add_argument("--overwrite", action="store_true",
+                        help="replace an existing export of that name and version")
     return parser
 
 
@@ -185,11 +187,6 @@ def check_args(args) -> None:
             sub.error(f"--strategies must be a comma-separated list of distinct names from "
                       f"{', '.join(STRATEGIES)}. Received: --strategies {args.strategies}")
         args.strategies = names
-        if "negative-cache" in names and args.cache_size < args.batch_size:
-            sub.error(
-                f"--cache-size must be >= --batch-size ({args.batch_size}): every step inserts "
-                f"the batch's movies into the cache, so it must hold at least one batch. "
-                f"Received: --cache-size {args.cache_size}")
         if args.verbose not in VERBOSITY:
             sub.error(f"--verbose must be one of {', '.join(VERBOSITY)}. "
                       f"Received: --verbose {args.verbose}")
@@ -217,6 +214,10 @@ def check_args(args) -> None:
             int(args.config["embedding_dim"])
         except (ValueError, KeyError, TypeError) as e:
             sub.error(f"{expected}, whose config.json is not train's ({type(e).__name__}: {e})")
+        target = Path(args.export_dir) / args.name / str(args.version)
+        if target.exists() and (not target.is_dir() or any(target.iterdir())) and not args.overwrite:
+            sub.error(f"the export directory {target} already exists and is not empty; pass "
+                      "--overwrite to replace it, or choose another --version")
         if args.data_dir is not None:
             _data_dir(sub, "--data-dir", args.data_dir)
         elif args.config.get("data_dir") is not None:
@@ -255,7 +256,8 @@ def export(args):
     movies = candidate_tower(corpus.movie_tensors())
     path = export_retrieval_model(
         query_tower, movies, corpus.movie_ids, k=min(args.k, corpus.num_movies),
-        name=args.name, version=args.version, base_dir=args.export_dir)
+        name=args.name, version=args.version, base_dir=args.export_dir,
+        overwrite=args.overwrite)
     print(f"exported {checkpoint} to {path}")
     return 0
 
@@ -277,7 +279,7 @@ def train(args):
         movies = model.candidate_tower(corpus.movie_tensors())
         path = export_retrieval_model(
             model.query_tower, movies, corpus.movie_ids, k=min(100, corpus.num_movies),
-            name="movielens_negative_cache", base_dir=args.export_dir)
+            name="movielens_negative_cache", base_dir=args.export_dir, overwrite=True)
         written.append(f"{path} (the seed {seed} negative-cache model, a TF Serving "
                        "SavedModel)")
         # The towers only (no cache, no optimizer), for `python -m tfnegcache export`.

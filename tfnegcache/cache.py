@@ -85,13 +85,14 @@ class _Writes:
     new_slots: tf.Tensor             # ... at these slots
     cursor: tf.Tensor
     num_filled: tf.Tensor
+    num_rows: tf.Tensor              # rows the step inserted (before dedupe); 0: empty batch
     advance_step: bool
 
     def tensors(self) -> list:
         return [t for t in tf.nest.flatten(
             (self.slots, self.embeddings, self.insert_slots, self.insert_features,
              self.insert_embeddings, self.insert_ids, self.evicted_ids, self.new_ids,
-             self.new_slots, self.cursor, self.num_filled))]
+             self.new_slots, self.cursor, self.num_filled, self.num_rows))]
 
 
 def _in_sorted(sorted_values: tf.Tensor, values: tf.Tensor) -> tf.Tensor:
@@ -182,15 +183,14 @@ class NegativeCache(tf.keras.layers.Layer):
                     "slots). For per-replica shards use `tfnegcache.ShardedNegativeCache` with "
                     f"the same arguments. Received: layout={layout!r}.")
         super().__init__(name=name, trainable=False, **kwargs)
-        if int(size) < 1:
-            raise ValueError(f"`size` must be a positive number of slots. Received: size={size}.")
-        if int(embedding_dim) < 1:
+        size = checks.integer("size", size, 1)
+        embedding_dim = checks.integer("embedding_dim", embedding_dim, 1)
+        seed = checks.integer("seed", seed, None)
+        block_size = checks.integer("block_size", block_size, 1, size, "size", allow_none=True)
+        if not isinstance(feature_spec, Mapping) or not feature_spec:
             raise ValueError(
-                f"`embedding_dim` must be positive. Received: embedding_dim={embedding_dim}.")
-        if not feature_spec:
-            raise ValueError(
-                "`feature_spec` must name at least one candidate feature, as "
-                "{name: tf.TensorSpec(shape, dtype)}. Received: "
+                "`feature_spec` must be a non-empty dict naming the candidate features to "
+                "store, {name: tf.TensorSpec(shape, dtype)}. Received: "
                 f"feature_spec={feature_spec!r}.")
         spec = {}
         for key, value in feature_spec.items():
@@ -207,12 +207,12 @@ class NegativeCache(tf.keras.layers.Layer):
             raise ValueError(
                 f"`embedding_dtype` must be a float dtype. Received: {embedding_dtype}.")
 
-        self.size = int(size)
-        self.embedding_dim = int(embedding_dim)
+        self.size = size
+        self.embedding_dim = embedding_dim
         self.feature_spec: Dict[str, tf.TensorSpec] = dict(sorted(spec.items()))
         self.id_dtype = id_dtype
         self.embedding_dtype = embedding_dtype
-        self.seed = int(seed)
+        self.seed = seed
         self.block_size = block_size
         self._draws_this_step = 0
         # True for the shards of a ShardedNegativeCache: variables of one replica, written
@@ -401,9 +401,7 @@ class NegativeCache(tf.keras.layers.Layer):
           function of (seed, step, the index of this draw within the step), so evaluation
           and a restored checkpoint do not disturb the stream.
         """
-        if num_samples < 1:
-            raise ValueError(
-                f"`num_samples` must be >= 1 negatives per query. Received: {num_samples}.")
+        num_samples = checks.integer("num_samples", num_samples, 1)
         if queries.shape.rank is not None and queries.shape[-1] not in (None, self.embedding_dim):
             raise ValueError(
                 f"Query embeddings have dimension {queries.shape[-1]}, but the cache stores "
@@ -447,7 +445,7 @@ class NegativeCache(tf.keras.layers.Layer):
           num_slots: R.
           seed: `[2]` int seed; default from (cache seed, cache step), a stream of its own.
         """
-        num_slots = int(num_slots)
+        num_slots = checks.integer("num_slots", num_slots, 0)
         if num_slots >= self.size:
             return tf.range(self.num_filled, dtype=tf.int64)
         if num_slots < 1:
@@ -549,6 +547,7 @@ class NegativeCache(tf.keras.layers.Layer):
             insert_features=plan["features"], insert_embeddings=plan["embeddings"],
             insert_ids=plan["ids"], evicted_ids=plan["evicted_ids"], new_ids=plan["new_ids"],
             new_slots=plan["new_slots"], cursor=plan["cursor"], num_filled=plan["num_filled"],
+            num_rows=tf.size(ids, out_type=tf.int64) if insert else tf.constant(1, tf.int64),
             advance_step=advance_step)
         writes.checks = checks_ + writes.tensors()
         return writes
@@ -638,7 +637,8 @@ class NegativeCache(tf.keras.layers.Layer):
         self.cursor.assign(writes.cursor)
         self.num_filled.assign(writes.num_filled)
         if writes.advance_step:
-            self.step.assign_add(1)
+            # A training step advances the cache's step; an empty batch changes nothing.
+            self.step.assign_add(tf.cast(writes.num_rows > 0, tf.int64))
 
     def update(self, update: Optional[CacheUpdate] = None, advance_step: bool = True) -> None:
         """`prepare` then `commit`: one transaction. With `advance_step`, `step` advances
@@ -700,7 +700,7 @@ class NegativeCache(tf.keras.layers.Layer):
         Runs eagerly over chunks (each chunk's tower call and write in one `tf.function` with
         a fixed chunk shape, so it traces once); empty slots are never touched.
         """
-        batch_size = int(min(max(1, batch_size), self.size))
+        batch_size = min(checks.integer("batch_size", batch_size, 1), self.size)
         key = (id(encoder), batch_size)
         memo = self.__dict__.setdefault("_refreshers", {})
         if key not in memo:
@@ -735,7 +735,7 @@ class NegativeCache(tf.keras.layers.Layer):
           batch_size: candidates per tower call and insert (capped at the cache size).
           batched: whether `dataset` already yields batches.
         """
-        batch_size = int(min(max(1, batch_size), self.size))
+        batch_size = min(checks.integer("batch_size", batch_size, 1), self.size)
         if not batched:
             dataset = dataset.batch(batch_size)
         elif batch_size < self.size:
@@ -756,6 +756,14 @@ class NegativeCache(tf.keras.layers.Layer):
                     f"({id_key!r}). Received keys: {sorted(element)}.")
             rows += int(insert(element))
         return rows
+
+    def rebuild_index(self) -> None:
+        """Rebuilds the id-to-slot index from `ids` and `num_filled` (after a restore from a
+        format that keeps variables only, such as `.h5`)."""
+        keys, _ = self.index.export()
+        self.index.remove(keys)
+        filled = self.num_filled.read_value()
+        self.index.insert(self.ids[:filled], tf.range(filled, dtype=tf.int64))
 
     def local_caches(self) -> List["NegativeCache"]:
         """The caches this process holds: itself (a sharded cache returns its shards)."""

@@ -1,11 +1,54 @@
-"""Run-time checks of a training step, each failing with a message that names what was wrong.
+"""Checks with messages that name what was wrong and what was expected.
 
-Every check returns an op (or a checked tensor) for `tf.control_dependencies`: the step puts
-all of them in front of its first write, so a failing check leaves every variable as it was.
-In eager mode they raise as soon as they run, which is also before the first write.
+- Arguments, at construction (`integer`, `temperature`): a `ValueError` before any state
+  exists, in the keras-rs style "`x` must be ... Received: x=...".
+- The run-time checks of a training step (`finite`, `same_rows`): each returns an op (or a
+  checked tensor) for `tf.control_dependencies`; the step puts all of them in front of its
+  first write, so a failing check leaves every variable as it was. In eager mode they raise
+  as soon as they run, which is also before the first write.
 """
 
+import math
+import numbers
+from typing import Optional
+
+import numpy as np
 import tensorflow as tf
+
+
+def integer(name: str, value, low: Optional[int], high: Optional[int] = None,
+            high_name: Optional[str] = None, allow_none: bool = False):
+    """`value` as a Python int, if it is an integer (Python or numpy, not bool) in
+    `[low, high]` (None: unbounded); else `ValueError` naming the argument, the range and the
+    value received.
+    `high_name` names the upper bound in the message (e.g. "size")."""
+    if value is None and allow_none:
+        return None
+    ok = (isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+          and (low is None or value >= low) and (high is None or value <= high))
+    if not ok:
+        if low is None:
+            expected = "an integer"
+        elif high is None:
+            expected = f"an integer >= {low}"
+        else:
+            expected = f"an integer in [{low}, {high_name or high}]"
+        if allow_none:
+            expected += " or None"
+        raise ValueError(f"`{name}` must be {expected}. Received: {name}={value!r}.")
+    return int(value)
+
+
+def temperature(value) -> Optional[float]:
+    """`value` as a float if it is a finite real number > 0, or None (no temperature)."""
+    if value is None:
+        return None
+    ok = (isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+          and math.isfinite(value) and value > 0)
+    if not ok:
+        raise ValueError("`temperature` must be a number > 0 (scores are divided by it) or "
+                         f"None. Received: temperature={value!r}.")
+    return float(value)
 
 
 def finite(tensor, what: str) -> tf.Tensor:
@@ -24,7 +67,8 @@ def same_rows(tensor, num_rows, what: str, of: str) -> tf.Operation:
     """Fails with "`what` has R rows but there are N `of`" unless the first dimension of
     `tensor` is `num_rows`: a `ValueError` now when both are static, else an op that fails
     with `InvalidArgumentError` when it runs."""
-    static_rows, static_num = tensor.shape[0], tf.get_static_value(num_rows)
+    static_rows = tensor.shape[0]
+    static_num = num_rows if isinstance(num_rows, int) else tf.get_static_value(num_rows)
     if static_rows is not None and static_num is not None:
         if static_rows != int(static_num):
             raise ValueError(f"{what} has {static_rows} rows but there are {int(static_num)} "

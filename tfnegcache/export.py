@@ -288,9 +288,13 @@ def export_retrieval_model(
     _check_query_model(query_model, input_spec, embeddings.shape)
 
     if index == "brute_force":
-        layer = tfrs.layers.factorized_top_k.BruteForce(query_model, k=int(k))
+        layer = tfrs.layers.factorized_top_k.BruteForce(k=int(k))
     else:
-        layer = tfrs.layers.factorized_top_k.ScaNN(query_model, k=int(k))
+        layer = tfrs.layers.factorized_top_k.ScaNN(k=int(k))
+    # Set after construction: Keras derives a layer's config from its constructor arguments
+    # when they are all plain values; a model among them makes every SavedModel write warn
+    # (several times) that the config is empty.
+    layer.query_model = query_model
     layer.index(embeddings, candidate_ids)
     served = _Served(layer, input_name, input_spec)
     # Trace once so the signature's input carries `input_name`.

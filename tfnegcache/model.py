@@ -6,7 +6,7 @@ from typing import Dict, List
 import tensorflow as tf
 import tensorflow_recommenders as tfrs
 
-from tfnegcache import checks, distribute
+from tfnegcache import checks, distribute, restore
 from tfnegcache.retrieval import CacheRetrieval
 
 
@@ -37,8 +37,7 @@ class CachedRetrievalModel(tfrs.Model):
     (mean `||e - v||^2 / ||v||^2` of the re-encoded negatives over the epoch) and
     `cache_fill` (the fraction of slots in use after the step). The cache's variables are
     weights of the model, so `save_weights`, `tf.train.Checkpoint` and `ModelCheckpoint` keep
-    them, and the id index with them (TensorFlow checkpoint format; the `.h5` weight format
-    stores variables only).
+    them (see `load_weights` for what a restore checks).
     """
 
     def cache_tasks(self) -> List[CacheRetrieval]:
@@ -99,6 +98,31 @@ class CachedRetrievalModel(tfrs.Model):
         metrics["total_loss"] = metrics["loss"] + regularization_loss
         metrics.update(self._cache_logs(tasks))
         return metrics
+
+    def save_weights(self, filepath, overwrite=True, save_format=None, options=None):
+        """`tf.keras.Model.save_weights`, refusing `.h5` for a cache that holds strings (the
+        format cannot store them) before anything is written."""
+        if restore.is_h5(filepath, save_format):
+            restore.check_h5_savable(self, filepath)
+        return super().save_weights(filepath, overwrite=overwrite, save_format=save_format,
+                                    options=options)
+
+    def load_weights(self, filepath, skip_mismatch=False, by_name=False, options=None):
+        """`tf.keras.Model.load_weights`, with the cache checked first and its index rebuilt.
+
+        Before anything is restored, every cache saved in the file is compared with the
+        model's (layout, size, feature names, shapes and dtypes, embedding dim and dtype, id
+        dtype): a mismatch raises ValueError naming both. After the restore each cache's
+        id-to-slot index is rebuilt from its restored ids, so the `.h5` format, which keeps
+        variables only, restores a working cache too.
+        """
+        restore.check_weights_file(self, filepath)
+        status = super().load_weights(filepath, skip_mismatch=skip_mismatch, by_name=by_name,
+                                      options=options)
+        for task in self.cache_tasks():
+            for cache in task.cache.local_caches():
+                cache.rebuild_index()
+        return status
 
     @property
     def distribute_reduction_method(self):

@@ -30,6 +30,7 @@ from typing import Callable, Mapping, Optional
 
 import tensorflow as tf
 
+from tfnegcache import checks
 from tfnegcache.cache import refresh_seed  # noqa: F401  (re-exported)
 
 Encoder = Callable[[Mapping[str, tf.Tensor]], tf.Tensor]
@@ -73,12 +74,9 @@ class CacheRefreshCallback(tf.keras.callbacks.Callback):
     def __init__(self, every_n_steps: Optional[int] = None, at_epoch_end: bool = True,
                  batch_size: int = 1024):
         super().__init__()
-        if every_n_steps is not None and int(every_n_steps) < 1:
-            raise ValueError(
-                f"`every_n_steps` must be >= 1 or None. Received: {every_n_steps!r}.")
-        self.every_n_steps = None if every_n_steps is None else int(every_n_steps)
+        self.every_n_steps = checks.integer("every_n_steps", every_n_steps, 1, allow_none=True)
         self.at_epoch_end = bool(at_epoch_end)
-        self.batch_size = int(batch_size)
+        self.batch_size = checks.integer("batch_size", batch_size, 1)
         self.refreshes = 0
         self._steps = 0
 

@@ -150,6 +150,12 @@ class CacheRetrieval(tfrs.tasks.Retrieval):
         popular hard negatives. Warm-starting with the whole corpus (size >= corpus) makes
         it the full softmax up to staleness.
         """
+        temperature = checks.temperature(temperature)
+        num_negatives = checks.integer("num_negatives", num_negatives, 1)
+        top_m = checks.integer("top_m", top_m, 1, allow_none=True)
+        refresh_per_step = checks.integer("refresh_per_step", refresh_per_step, 0)
+        num_hard_negatives = checks.integer("num_hard_negatives", num_hard_negatives, 1,
+                                            allow_none=True)
         super().__init__(
             loss=loss, metrics=metrics, batch_metrics=batch_metrics, loss_metrics=loss_metrics,
             temperature=temperature, num_hard_negatives=num_hard_negatives,
@@ -164,10 +170,6 @@ class CacheRetrieval(tfrs.tasks.Retrieval):
                     "`candidate_model` must be given with a cache: a callable mapping a dict of "
                     f"cached features {sorted(cache.feature_spec)} to embeddings, used to "
                     f"re-encode sampled negatives. Received: {candidate_model!r}.")
-        if isinstance(num_negatives, bool) or not isinstance(num_negatives, int) or num_negatives < 1:
-            raise ValueError(
-                f"`num_negatives` must be an integer >= 1 (negatives drawn from the cache per "
-                f"query). Received: num_negatives={num_negatives!r}.")
         self.cache = cache
         self.candidate_model = candidate_model
         self.num_negatives = num_negatives
@@ -175,15 +177,10 @@ class CacheRetrieval(tfrs.tasks.Retrieval):
         self.id_based_metrics = bool(id_based_metrics)
         self.in_train_step = False
         self._pending_update: Optional[CacheUpdate] = None
-        if top_m is not None and (isinstance(top_m, bool) or int(top_m) < 1):
-            raise ValueError(f"`top_m` must be None or an integer >= 1. Received: {top_m!r}.")
-        if isinstance(refresh_per_step, bool) or int(refresh_per_step) < 0:
-            raise ValueError(
-                f"`refresh_per_step` must be an integer >= 0. Received: {refresh_per_step!r}.")
         if cache is not None:
             cache.check_sampling(top_m)
-        self.top_m = None if top_m is None else int(top_m)
-        self.refresh_per_step = int(refresh_per_step)
+        self.top_m = top_m
+        self.refresh_per_step = refresh_per_step
         self.write_back = bool(write_back)
         if cache is not None:
             self.staleness = tf.keras.metrics.Mean(name="cache_staleness")
@@ -252,8 +249,23 @@ class CacheRetrieval(tfrs.tasks.Retrieval):
 
     def _encode(self, features: Mapping[str, tf.Tensor], dtype) -> tf.Tensor:
         """The candidate tower on cached features: `[M, d]` in `dtype` (with gradients)."""
-        embeddings = tf.convert_to_tensor(self.candidate_model(features))
-        return tf.cast(self.cache.check_embeddings(embeddings, "candidate_model output"), dtype)
+        embeddings = self.candidate_model(features)
+        if not isinstance(embeddings, (tf.Tensor, tf.Variable)) and not hasattr(
+                embeddings, "__array__"):
+            raise ValueError(
+                "`candidate_model` must return one tensor of embeddings, [num_candidates, "
+                f"{self.cache.embedding_dim}], for a dict of cached features. Received: "
+                f"{type(embeddings).__name__}"
+                + (f" with keys {sorted(embeddings)}" if isinstance(embeddings, Mapping) else "")
+                + ".")
+        embeddings = self.cache.check_embeddings(tf.convert_to_tensor(embeddings),
+                                                 "candidate_model output")
+        first = next(iter(features.values()))
+        rows = first.shape[0] if first.shape[0] is not None else tf.shape(first)[0]
+        check = checks.same_rows(embeddings, rows, "`candidate_model` output",
+                                 "cached candidates given to it")
+        with tf.control_dependencies([check]):
+            return tf.cast(embeddings, dtype)
 
     def _cache_logit(self, query_embeddings, candidate_ids, training, log_weight=None):
         """The cache's column of the logits, `[B]`, and the write-back rows of the draw.
@@ -334,9 +346,15 @@ class CacheRetrieval(tfrs.tasks.Retrieval):
           compute_batch_metrics, score_mask: as in `tfrs.tasks.Retrieval.call`.
           candidate_ids: `[num_candidates]` ids; required with a cache (masking, dedupe).
           candidate_features: `{name: [num_candidates, ...]}`, the candidates' features for
-            the cache's `feature_spec`; required with a cache.
+            the cache's `feature_spec`; required with a cache. Keys outside the spec are
+            ignored (the cache stores only the spec'd features).
           training: whether to draw negatives and record a cache update. None means "inside
             `CachedRetrievalModel.train_step`" (the model sets `in_train_step`).
+
+        Dtypes: embeddings may be any float dtype. The cache is scored, and re-encoded
+        negatives are combined, in the query embeddings' dtype (stale embeddings are cast to
+        it); inserted and written-back embeddings are stored in the cache's
+        `embedding_dtype`. An empty batch gives loss 0, as in TFRS, and no cache update.
 
         Returns:
           The loss: a scalar (or what `loss` reduces to).
@@ -349,6 +367,10 @@ class CacheRetrieval(tfrs.tasks.Retrieval):
                 compute_batch_metrics=compute_batch_metrics, score_mask=score_mask)
         if training is None:
             training = self.in_train_step
+        if query_embeddings.shape[0] == 0:
+            # An empty batch: loss 0 as TFRS gives it, zero gradients, no draw, no update.
+            return 0.0 * (tf.reduce_sum(query_embeddings)
+                          + tf.reduce_sum(tf.cast(candidate_embeddings, query_embeddings.dtype)))
         candidate_ids, features = self._check_inputs(
             query_embeddings, candidate_embeddings, candidate_ids, candidate_features)
 
