@@ -163,7 +163,7 @@ def test_draws_depend_on_seed_and_step_but_evaluation_does_not_advance_them():
     (lambda f: {k: v for k, v in f.items() if k != "tokens"}, r"missing feature\(s\) \['tokens'\]"),
     (lambda f: {**f, "tokens": tf.zeros([2, 3], tf.int64)}, r"shape \(2, 3\).*\[num_candidates, \*\(2,\)\]"),
     (lambda f: {**f, "item_id": tf.zeros([2], tf.int32)}, r"dtype int32, but the cache's feature_spec says int64"),
-    (lambda f: {**f, "item_id": tf.zeros([3], tf.int64)}, r"has 3 rows, but there are 2 candidates"),
+    (lambda f: {**f, "item_id": tf.zeros([3], tf.int64)}, r"feature `item_id` of `candidate_features` has 3 rows but there are 2 candidates"),
 ])
 def test_bad_features_are_rejected_with_what_was_expected(bad, match):
     cache = make_cache()

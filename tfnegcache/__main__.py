@@ -112,7 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--version", default="1",
                         help="model version: the directory under --name")
     export.add_argument("--overwrite", action="store_true",
-                        help="replace an existing export of that name and version")
+                        help="replace an existing export of that name and version (default: "
+                             "off, an existing non-empty export directory is an error)")
     return parser
 
 

@@ -75,7 +75,7 @@ class CacheRetrieval(tfrs.tasks.Retrieval):
         candidate_model: Optional[Callable[[Mapping[str, tf.Tensor]], tf.Tensor]] = None,
         num_negatives: int = 1,
         use_in_batch_negatives: bool = True,
-        id_based_metrics: bool = True,
+        id_based_metrics: Optional[bool] = None,
         top_m: Optional[int] = None,
         refresh_per_step: int = 0,
         write_back: bool = True,
@@ -99,9 +99,14 @@ class CacheRetrieval(tfrs.tasks.Retrieval):
             default). Cached copies of the batch's candidates are then masked so each
             candidate counts once. When False, the softmax is over [positive, cache], and only
             the query's own positive is masked in the cache.
-          id_based_metrics: pass `candidate_ids` to the factorized metrics, as TFRS does when
-            ids are given (their index must then be built with identifiers). Set False when
-            the metrics' index has no identifiers: evaluation is then score-based.
+          id_based_metrics: whether the factorized metrics compare `candidate_ids` with the
+            identifiers of their top-k index (True, as TFRS does when ids are given) or compare
+            scores (False, as TFRS does without ids). None, the default, decides per metric:
+            id-based when the metric's index carries identifiers of the ids' dtype (e.g.
+            `FactorizedTopK(candidates=movies.batch(128).map(lambda t: (t, model(t))))`),
+            score-based when it holds embeddings only (the TFRS tutorial's
+            `movies.batch(128).map(movie_model)`), so passing `candidate_ids` for the cache
+            never changes what the metrics compute.
           top_m: restrict each query's cache softmax to its `top_m` highest cached scores
             (the reference code's option; None, the default, uses the whole cache). Negatives
             are drawn from the softmax restricted to those m slots, and the cache logit's
@@ -174,7 +179,7 @@ class CacheRetrieval(tfrs.tasks.Retrieval):
         self.candidate_model = candidate_model
         self.num_negatives = num_negatives
         self.use_in_batch_negatives = bool(use_in_batch_negatives)
-        self.id_based_metrics = bool(id_based_metrics)
+        self.id_based_metrics = None if id_based_metrics is None else bool(id_based_metrics)
         self.in_train_step = False
         self._pending_update: Optional[CacheUpdate] = None
         if cache is not None:
@@ -184,6 +189,22 @@ class CacheRetrieval(tfrs.tasks.Retrieval):
         self.write_back = bool(write_back)
         if cache is not None:
             self.staleness = tf.keras.metrics.Mean(name="cache_staleness")
+
+    def _id_based(self, metric, candidate_ids) -> bool:
+        """Whether `metric` gets `candidate_ids` (see `id_based_metrics`)."""
+        if self.id_based_metrics is not None or candidate_ids is None:
+            return bool(self.id_based_metrics) and candidate_ids is not None
+        index = getattr(metric, "_candidates", None)
+        if isinstance(index, tfrs.layers.factorized_top_k.Streaming):
+            spec = index._candidates.element_spec  # pylint: disable=protected-access
+            id_dtype = spec[0].dtype if isinstance(spec, tuple) else None
+        elif isinstance(index, tfrs.layers.factorized_top_k.TopK):
+            identifiers = getattr(index, "_identifiers", None)
+            id_dtype = identifiers.dtype if identifiers is not None else None
+        else:
+            return True   # not a top-k index: as TFRS, pass the ids
+        # An index built without identifiers numbers its rows (int32): positions, not ids.
+        return id_dtype is not None and id_dtype != tf.int32 and id_dtype == candidate_ids.dtype
 
     def pop_update(self) -> Optional[CacheUpdate]:
         """Returns and forgets the `CacheUpdate` recorded by the last training call."""
@@ -408,7 +429,8 @@ class CacheRetrieval(tfrs.tasks.Retrieval):
             for metric in self._factorized_metrics:
                 update_ops.append(metric.update_state(
                     query_embeddings, candidate_embeddings[:tf.shape(query_embeddings)[0]],
-                    true_candidate_ids=candidate_ids if self.id_based_metrics else None,
+                    true_candidate_ids=(candidate_ids if self._id_based(metric, candidate_ids)
+                                        else None),
                     sample_weight=sample_weight))
         if compute_batch_metrics and self.use_in_batch_negatives:
             for metric in self._batch_metrics:
