@@ -57,16 +57,22 @@ class CacheNegatives:
     """One draw from a cache, for a batch of B queries and k draws each.
 
     Attributes:
-      log_mass: `[B]` log-mass of the eligible cached scores (`-inf` when none is eligible).
+      log_mass: `[B]` log-mass of the eligible cached scores (`-inf` when none is eligible);
+        None for a uniform draw, which scores nothing.
       slots: `[B * k]` drawn slots (cache addressing), query-major; None without a draw.
       features: `{name: [B * k, ...]}` their cached features.
       stale: `[B * k, d]` their cached embeddings.
+      log_weights: for a uniform draw, `[B, k]` importance log-weights: `log(filled / k)` for
+        an eligible draw, `-inf` for one that hit an ineligible slot, so that
+        `logsumexp_k(s_ik + log_weights_ik)` is the log of an unbiased estimate of the
+        eligible cached mass `sum_j exp(s_ij)`. None for a Gumbel-Max draw.
     """
 
-    log_mass: tf.Tensor
+    log_mass: Optional[tf.Tensor]
     slots: Optional[tf.Tensor] = None
     features: Optional[Dict[str, tf.Tensor]] = None
     stale: Optional[tf.Tensor] = None
+    log_weights: Optional[tf.Tensor] = None
 
 
 @dataclasses.dataclass
@@ -323,9 +329,9 @@ class NegativeCache(tf.keras.layers.Layer):
                 f"{tuple(ids.shape)}.")
         return ids
 
-    def check_sampling(self, top_m: Optional[int]) -> None:
+    def check_sampling(self, top_m: Optional[int], sampling_mode: str = "gumbel") -> None:
         """Raises ValueError for sampling options this cache cannot serve (none here)."""
-        del top_m
+        del top_m, sampling_mode
 
     # ------------------------------------------------------------------ reading
 
@@ -433,6 +439,35 @@ class NegativeCache(tf.keras.layers.Layer):
         slots = tf.reshape(result.slots, [-1])
         features, stale, _ = self.gather(slots)
         return CacheNegatives(result.log_mass, slots, features, stale)
+
+    def draw_uniform(self, num_queries, num_samples: int,
+                     masked_ids: Optional[tf.Tensor] = None,
+                     excluded_ids: Optional[tf.Tensor] = None) -> CacheNegatives:
+        """k slots per query drawn uniformly, with replacement, over the filled slots: no
+        scoring of the cache (mixed negative sampling's draw, with the cache as the corpus).
+
+        A draw that lands on a slot ineligible for its query (masked for every query, or the
+        query's own excluded id) gets log-weight `-inf`; the others `log(filled / k)`. So the
+        eligible mass is estimated without bias while every query draws from one uniform
+        distribution. Arguments as in `sample`; `num_queries` is B (a scalar, may be a
+        tensor).
+        """
+        num_samples = checks.integer("num_samples", num_samples, 1)
+        seed = self._next_draw_seed()
+        filled = tf.maximum(self.num_filled, 1)
+        slots = tf.random.stateless_uniform(
+            tf.stack([tf.cast(num_queries, tf.int32), num_samples]), seed, minval=0,
+            maxval=filled, dtype=tf.int64)
+        masked = self.lookup(masked_ids) if masked_ids is not None else None
+        eligible = tf.math.is_finite(tf.gather(self.slot_bias(masked), slots))
+        if excluded_ids is not None:
+            excluded = tf.cast(self.lookup(excluded_ids), tf.int64)
+            eligible = tf.logical_and(eligible, tf.not_equal(slots, excluded[:, None]))
+        log_weight = tf.math.log(tf.cast(self.num_filled, tf.float32) / float(num_samples))
+        log_weights = tf.where(eligible, log_weight, sampling.NEG_INF)
+        flat = tf.reshape(slots, [-1])
+        features, stale, _ = self.gather(flat)
+        return CacheNegatives(None, flat, features, stale, log_weights)
 
     def random_filled_slots(self, num_slots: int, seed: Optional[tf.Tensor] = None) -> tf.Tensor:
         """`min(num_slots, filled)` distinct filled slots, uniformly at random, int64 `[R']`.

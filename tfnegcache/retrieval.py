@@ -79,6 +79,7 @@ class CacheRetrieval(tfrs.tasks.Retrieval):
         top_m: Optional[int] = None,
         refresh_per_step: int = 0,
         write_back: bool = True,
+        sampling: str = "gumbel",
     ) -> None:
         """Initializes the task.
 
@@ -121,6 +122,21 @@ class CacheRetrieval(tfrs.tasks.Retrieval):
             Refresh rate R / N. 0 disables it.
           write_back: write the re-encoded negatives' fresh embeddings back into the cache
             (the default refresh policy). False leaves sampled slots stale.
+          sampling: how training draws its k negatives from the cache.
+            `"gumbel"` (the default): from the softmax over the stale cached scores, by
+            Gumbel-Max; the cache's logit is its exact (stale) log-mass plus the gradient
+            correction above. `"uniform"`: uniformly over the filled slots, without scoring
+            the cache (mixed negative sampling, Yang et al. 2020, with the cache as the
+            corpus; with a warm-started whole-corpus cache it is exactly MNS). The cache's
+            logit is then `log(filled / k) + logsumexp_k(s_ik)` over the eligible draws'
+            fresh scores (a draw on a masked slot or on the query's own positive counts
+            zero), so `exp(logit)` is an unbiased estimate of the eligible cached mass and the
+            loss estimates the same cross entropy over [positive, in-batch, cache] as
+            `"gumbel"`, with fresh instead of stale embeddings. Its value is the log of an
+            unbiased estimate of the softmax's denominator (so on average slightly below the
+            exact loss) and its gradient is the self-normalised importance-sampling one:
+            consistent, with a bias that shrinks as 1/k. Evaluation uses the exact log-mass
+            in both modes. Not with `top_m` or a `ShardedNegativeCache`.
 
         logQ with a cache. Without `candidate_sampling_probability` the in-batch negatives
         are exact terms: the softmax is over [positive, in-batch negatives, the cache minus
@@ -182,8 +198,17 @@ class CacheRetrieval(tfrs.tasks.Retrieval):
         self.id_based_metrics = None if id_based_metrics is None else bool(id_based_metrics)
         self.in_train_step = False
         self._pending_update: Optional[CacheUpdate] = None
+        if sampling not in ("gumbel", "uniform"):
+            raise ValueError(
+                "`sampling` must be 'gumbel' (Gumbel-Max over the cached softmax) or 'uniform' "
+                f"(mixed negative sampling). Received: sampling={sampling!r}.")
+        if sampling == "uniform" and top_m is not None:
+            raise ValueError(
+                "`top_m` restricts the Gumbel-Max draw to the best cached scores; a uniform "
+                f"draw scores nothing. Received: top_m={top_m!r} with sampling='uniform'.")
+        self.sampling = sampling
         if cache is not None:
-            cache.check_sampling(top_m)
+            cache.check_sampling(top_m, sampling)
         self.top_m = top_m
         self.refresh_per_step = refresh_per_step
         self.write_back = bool(write_back)
@@ -298,28 +323,47 @@ class CacheRetrieval(tfrs.tasks.Retrieval):
         cache, k = self.cache, self.num_negatives
         num_queries = tf.shape(query_embeddings)[0]
         exact_in_batch = self.use_in_batch_negatives and log_weight is None
-        negatives = cache.draw(
-            query_embeddings, num_samples=k, temperature=self._temperature,
-            masked_ids=candidate_ids if exact_in_batch else None,
-            excluded_ids=None if exact_in_batch else candidate_ids[:num_queries],
-            draw=training, top_m=self.top_m)
-        has_mass = tf.math.is_finite(negatives.log_mass)
-        log_mass = negatives.log_mass
-        if log_weight is not None:
-            log_mass = log_mass + tf.cast(log_weight, log_mass.dtype)
-        log_mass = tf.stop_gradient(tf.where(has_mass, log_mass, MIN_FLOAT))
-        if not training:
-            return log_mass, None
+        masked_ids = candidate_ids if exact_in_batch else None
+        excluded_ids = None if exact_in_batch else candidate_ids[:num_queries]
+        uniform = training and self.sampling == "uniform"
+        if uniform:
+            negatives = cache.draw_uniform(num_queries, k, masked_ids, excluded_ids)
+        else:
+            negatives = cache.draw(
+                query_embeddings, num_samples=k, temperature=self._temperature,
+                masked_ids=masked_ids, excluded_ids=excluded_ids, draw=training,
+                top_m=self.top_m)
+            has_mass = tf.math.is_finite(negatives.log_mass)
+            log_mass = negatives.log_mass
+            if log_weight is not None:
+                log_mass = log_mass + tf.cast(log_weight, log_mass.dtype)
+            log_mass = tf.stop_gradient(tf.where(has_mass, log_mass, MIN_FLOAT))
+            if not training:
+                return log_mass, None
 
         fresh = self._encode(negatives.features, query_embeddings.dtype)
         fresh_scores = tf.reduce_sum(
             query_embeddings[:, None, :] * tf.reshape(fresh, [num_queries, k, -1]), axis=-1)
         if self._temperature is not None:
             fresh_scores = fresh_scores / self._temperature
-        correction = tf.reduce_mean(fresh_scores - tf.stop_gradient(fresh_scores), axis=-1)
-        valid = tf.repeat(has_mass, k)
-        # Draws from an empty cache are arbitrary slots: no gradient, no write-back, no stats.
-        cache_logit = log_mass + tf.where(has_mass, correction, tf.zeros_like(correction))
+        if uniform:
+            eligible = tf.math.is_finite(negatives.log_weights)
+            has_mass = tf.reduce_any(eligible, axis=-1)
+            # MIN_FLOAT, not -inf, for ineligible draws: a logsumexp over no eligible draw
+            # stays finite, so its (unselected) gradient below is 0, not NaN.
+            weighted = tf.where(eligible, fresh_scores + tf.cast(
+                negatives.log_weights, fresh_scores.dtype), MIN_FLOAT)
+            estimate = tf.reduce_logsumexp(weighted, axis=-1)
+            if log_weight is not None:
+                estimate = estimate + tf.cast(log_weight, estimate.dtype)
+            cache_logit = tf.where(has_mass, estimate, MIN_FLOAT)
+            valid = tf.reshape(eligible, [-1])
+        else:
+            correction = tf.reduce_mean(fresh_scores - tf.stop_gradient(fresh_scores), axis=-1)
+            valid = tf.repeat(has_mass, k)
+            # Draws from an empty cache are arbitrary slots: no gradient, no write-back, no
+            # stats.
+            cache_logit = log_mass + tf.where(has_mass, correction, tf.zeros_like(correction))
 
         fresh_sg = tf.stop_gradient(fresh)
         stale = tf.cast(negatives.stale, fresh_sg.dtype)

@@ -81,7 +81,12 @@ class ShardedNegativeCache(tf.keras.layers.Layer):
     def local_caches(self) -> List[NegativeCache]:
         return list(self.shards)
 
-    def check_sampling(self, top_m: Optional[int]) -> None:
+    def check_sampling(self, top_m: Optional[int], sampling_mode: str = "gumbel") -> None:
+        if sampling_mode != "gumbel":
+            raise ValueError(
+                "A ShardedNegativeCache draws by Gumbel-Max over the union of its shards; "
+                "uniform draws over the union are not implemented. Received: "
+                f"sampling={sampling_mode!r}; use a NegativeCache.")
         if top_m is not None:
             raise ValueError(
                 "`top_m` is not supported with a sharded cache (it needs a cross-shard merge "
