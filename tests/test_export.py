@@ -113,9 +113,17 @@ def test_dataset_of_ids_and_embeddings_and_bad_k(trained, tmp_path):
     out = loaded.signatures["serving_default"](user_id=tf.constant(list(corpus.users[:2])))
     ids, scores = in_memory_top_k(model, corpus, list(corpus.users[:2]), 3)
     np.testing.assert_allclose(out["scores"].numpy(), scores, rtol=1e-5, atol=1e-6)
-    with pytest.raises(ValueError, match="k"):
-        export_retrieval_model(model.query_tower, movies, corpus.movie_ids, k=10_000,
-                               path=tmp_path / "x")
+    num_movies = len(corpus.movie_ids)
+    for bad in (10_000, 0, 2.5, True, "3"):
+        with pytest.raises(ValueError, match=rf"`k` must be an integer in \[1, {num_movies} "
+                                             rf"\(the candidates\)\]\. Received: k={bad!r}\."):
+            export_retrieval_model(model.query_tower, movies, corpus.movie_ids, k=bad,
+                                   path=tmp_path / "x")
+    with pytest.raises(ValueError, match=r"`version` must be an integer >= 0\. Received: "
+                                         r"version=1\.5\."):
+        export_retrieval_model(model.query_tower, movies, corpus.movie_ids, k=3, version=1.5,
+                               base_dir=tmp_path / "y")
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
 
 def saved_model_cli(*args):

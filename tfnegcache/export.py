@@ -39,6 +39,8 @@ from typing import Optional, Union
 import tensorflow as tf
 import tensorflow_recommenders as tfrs
 
+from tfnegcache import checks
+
 
 class _Served(tf.Module):
     """The exported object: an index that owns the query tower and the candidates."""
@@ -272,12 +274,12 @@ def export_retrieval_model(
     """
     embeddings, candidate_ids = _embeddings_from(candidate_embeddings_or_dataset, candidate_ids)
     num_candidates = int(embeddings.shape[0])
-    if not 1 <= int(k) <= num_candidates:
-        raise ValueError(f"`k` must be in [1, {num_candidates}] (the corpus). Received: k={k}.")
+    k = checks.integer("k", k, 1, num_candidates, f"{num_candidates} (the candidates)")
+    version = checks.integer("version", version, 0)
     if index not in ("brute_force", "scann"):
         raise ValueError(f"`index` must be 'brute_force' or 'scann'. Received: {index!r}.")
     if path is None:
-        path = Path(base_dir) / name / str(int(version))
+        path = Path(base_dir) / name / str(version)
     path = Path(path)
     _check_target(path, overwrite)
     # Checked as indexed: a float64 beyond the float32 range becomes Inf here.
@@ -288,9 +290,9 @@ def export_retrieval_model(
     _check_query_model(query_model, input_spec, embeddings.shape)
 
     if index == "brute_force":
-        layer = tfrs.layers.factorized_top_k.BruteForce(k=int(k))
+        layer = tfrs.layers.factorized_top_k.BruteForce(k=k)
     else:
-        layer = tfrs.layers.factorized_top_k.ScaNN(k=int(k))
+        layer = tfrs.layers.factorized_top_k.ScaNN(k=k)
     # Set after construction: Keras derives a layer's config from its constructor arguments
     # when they are all plain values; a model among them makes every SavedModel write warn
     # (several times) that the config is empty.
