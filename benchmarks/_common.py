@@ -35,15 +35,22 @@ def plot_path(name):
     return os.path.join(RESULTS, f"{name}.png")
 
 
-def time_fn(fn, repeats, warmup=1):
-    """Median seconds of `fn()` over `repeats` calls after `warmup` calls (fn returns tensors)."""
+def time_fn(fn, repeats, warmup=1, cpu=None):
+    """Median seconds of `fn()` over `repeats` calls after `warmup` calls (fn returns tensors).
+
+    `cpu`: a dict that receives `"cpu_s"`, the process's CPU seconds per call (all threads)
+    over the same calls: less sensitive than wall time to other jobs on a shared machine.
+    """
     for _ in range(warmup):
         _block(fn())
     times = []
+    cpu_start = time.process_time()
     for _ in range(repeats):
         start = time.perf_counter()
         _block(fn())
         times.append(time.perf_counter() - start)
+    if cpu is not None:
+        cpu["cpu_s"] = (time.process_time() - cpu_start) / repeats
     return float(np.median(times))
 
 

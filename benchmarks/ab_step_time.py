@@ -1,14 +1,16 @@
-"""A/B of the training step time: this checkout against an earlier commit, in one run.
+"""A/B of the training step time: this checkout's library against an earlier commit's, in one run.
 
     python -m benchmarks.ab_step_time --base HEAD~1 --log2n 16
     python -m benchmarks.ab_step_time --quick          # N = 2^10, 2 rounds: a smoke run
 
-The base commit is checked out (`git worktree add --detach`) into a temporary directory.
-Each round runs one `benchmarks.step_time` child per tree, alternating which goes first, so
-drift in the machine's load falls on both; each child is a fresh process that times
-`--repeats` steps after warm-up (`benchmarks/step_time.py`, mode `cache` unless `--mode`).
-Prints the per-round times, the medians and the ratio head / base, with the load average
-before and after, and writes them as JSON.
+The base commit is checked out (`git worktree add --detach`) into a temporary directory. Both
+sides run this checkout's benchmark harness (`benchmarks/step_time.py`, mode `cache` unless
+`--mode`) against their own `tfnegcache`, so only the library differs. Each round runs one
+child per side, alternating which goes first, so drift in the machine's load falls on both;
+each child is a fresh process that times `--repeats` steps after warm-up and reports the
+median wall time and the process's CPU time per step (all threads; less sensitive than wall
+time to other jobs on a shared machine). Prints the per-round times, the medians, minimums and
+ratios head / base, with the load average before and after, and writes them as JSON.
 """
 
 import argparse
@@ -23,16 +25,30 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _child(tree, mode, log2n, repeats):
+def _child(side, mode, log2n, repeats):
     command = [sys.executable, "-m", "benchmarks.step_time", "--child", mode, str(log2n),
                "--repeats", str(repeats)]
-    # cwd first on sys.path: each tree imports its own tfnegcache and benchmarks.
-    proc = subprocess.run(command, cwd=tree, capture_output=True, text=True, check=False,
-                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=tree))
+    # cwd first on sys.path: the side's tfnegcache, and this checkout's benchmarks.
+    proc = subprocess.run(command, cwd=side, capture_output=True, text=True, check=False,
+                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=side))
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"step_time child in {tree} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(lines[-1][len("RESULT "):])["step_ms"]
+        raise RuntimeError(f"step_time child in {side} failed:\n{proc.stderr[-3000:]}")
+    result = json.loads(lines[-1][len("RESULT "):])
+    return result["step_ms"], result["step_cpu_ms"]
+
+
+def _side(directory, library_root):
+    """A directory whose `tfnegcache` is `library_root`'s and whose `benchmarks` is ours."""
+    os.makedirs(directory)
+    os.symlink(os.path.join(library_root, "tfnegcache"), os.path.join(directory, "tfnegcache"))
+    os.symlink(os.path.join(ROOT, "benchmarks"), os.path.join(directory, "benchmarks"))
+    return directory
+
+
+def _git(*args):
+    return subprocess.run(["git", *args], cwd=ROOT, check=True, capture_output=True,
+                          text=True).stdout.strip()
 
 
 def main(argv=None):
@@ -48,41 +64,48 @@ def main(argv=None):
     if args.quick:
         args.log2n, args.rounds, args.repeats = 10, 2, 3
 
-    base_sha = subprocess.run(["git", "rev-parse", args.base], cwd=ROOT, check=True,
-                              capture_output=True, text=True).stdout.strip()
-    head_sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, check=True,
-                              capture_output=True, text=True).stdout.strip()
-    dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                                cwd=ROOT, capture_output=True, text=True).stdout.strip())
-    times = {"base": [], "head": []}
+    base_sha, head_sha = _git("rev-parse", args.base), _git("rev-parse", "HEAD")
+    dirty = bool(_git("status", "--porcelain", "--untracked-files=no"))
+    wall = {"base": [], "head": []}
+    cpu = {"base": [], "head": []}
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         base_tree = os.path.join(tmp, "base")
-        subprocess.run(["git", "worktree", "add", "--detach", base_tree, base_sha], cwd=ROOT,
-                       check=True, capture_output=True)
+        _git("worktree", "add", "--detach", base_tree, base_sha)
         try:
-            trees = {"base": base_tree, "head": ROOT}
+            sides = {"base": _side(os.path.join(tmp, "base_side"), base_tree),
+                     "head": _side(os.path.join(tmp, "head_side"), ROOT)}
             for round_ in range(args.rounds):
                 order = ("base", "head") if round_ % 2 == 0 else ("head", "base")
                 for name in order:
-                    times[name].append(_child(trees[name], args.mode, args.log2n, args.repeats))
-                print(f"round {round_}: base {times['base'][-1]:.1f} ms, "
-                      f"head {times['head'][-1]:.1f} ms", flush=True)
+                    wall_ms, cpu_ms = _child(sides[name], args.mode, args.log2n, args.repeats)
+                    wall[name].append(wall_ms)
+                    cpu[name].append(cpu_ms)
+                print(f"round {round_}: base {wall['base'][-1]:.1f} ms ({cpu['base'][-1]:.1f} "
+                      f"CPU), head {wall['head'][-1]:.1f} ms ({cpu['head'][-1]:.1f} CPU)",
+                      flush=True)
         finally:
             subprocess.run(["git", "worktree", "remove", "--force", base_tree], cwd=ROOT,
                            check=False, capture_output=True)
-    medians = {k: statistics.median(v) for k, v in times.items()}
+    stats = {
+        "median_ms": {k: statistics.median(v) for k, v in wall.items()},
+        "min_ms": {k: min(v) for k, v in wall.items()},
+        "median_cpu_ms": {k: statistics.median(v) for k, v in cpu.items()},
+    }
+    ratios = {name: values["head"] / values["base"] for name, values in stats.items()}
     result = {
         "mode": args.mode, "N": 2**args.log2n, "base": base_sha, "head": head_sha,
         "head_has_uncommitted_changes": dirty, "rounds": args.rounds, "repeats": args.repeats,
-        "step_ms": times, "median_ms": medians, "head_over_base": medians["head"] / medians["base"],
+        "step_ms": wall, "step_cpu_ms": cpu, **stats, "head_over_base": ratios,
         "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
         "when": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
-    print(f"{args.mode} step at N=2^{args.log2n}: base {base_sha[:8]} {medians['base']:.1f} ms, "
-          f"head {head_sha[:8]}{'+changes' if dirty else ''} {medians['head']:.1f} ms, "
-          f"head/base {result['head_over_base']:.3f} (load {load_before[0]:.1f} -> "
-          f"{result['loadavg_after'][0]:.1f})")
+    head = head_sha[:8] + ("+changes" if dirty else "")
+    print(f"{args.mode} step at N=2^{args.log2n}, base {base_sha[:8]} -> head {head}:")
+    for name, values in stats.items():
+        print(f"  {name}: {values['base']:.1f} -> {values['head']:.1f} "
+              f"(head/base {ratios[name]:.3f})")
+    print(f"  load average {load_before[0]:.1f} -> {result['loadavg_after'][0]:.1f}")
     if args.output:
         with open(args.output, "w", encoding="utf-8") as f:
             json.dump(result, f, indent=1)

@@ -106,7 +106,10 @@ def _child(mode, num_slots, batch, dim, repeats, embedding_dtype):
         out["sampler_ms"] = 1e3 * _common.time_fn(sample, repeats)
 
     step = tf.function(model.train_step)
-    out["step_ms"] = 1e3 * _common.time_fn(lambda: step(features)["loss"], repeats, warmup=2)
+    cpu = {}
+    out["step_ms"] = 1e3 * _common.time_fn(lambda: step(features)["loss"], repeats, warmup=2,
+                                           cpu=cpu)
+    out["step_cpu_ms"] = 1e3 * cpu["cpu_s"]
 
     if mode == "inbatch":
         variables = model.trainable_variables

@@ -97,3 +97,28 @@ def test_hash_buckets_and_hidden_flags_reach_both_towers_of_every_method():
     same = model.query_tower(np.full([1, 8], 1, dtype=np.int32))
     alias = model.query_tower(np.array([[301, 601, 1, 301, 601, 1, 301, 601]], dtype=np.int32))
     np.testing.assert_allclose(same.numpy(), alias.numpy(), rtol=1e-6)
+
+
+def test_quick_ab_step_time_compares_the_library_with_the_previous_commit(tmp_path):
+    """Both sides run, each reporting wall and CPU time, and the temporary checkout goes."""
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
+                          text=True, check=False)
+    parent = subprocess.run(["git", "rev-parse", "HEAD~1"], cwd=ROOT, capture_output=True,
+                            text=True, check=False)
+    if head.returncode != 0 or parent.returncode != 0:
+        pytest.skip("needs a git checkout with at least two commits")
+    out = tmp_path / "ab.json"
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.ab_step_time", "--quick",
+                           "--output", str(out)], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["base"] == parent.stdout.strip() and result["head"] == head.stdout.strip()
+    for side in ("base", "head"):
+        assert len(result["step_ms"][side]) == 2 and min(result["step_ms"][side]) > 0
+        assert min(result["step_cpu_ms"][side]) > 0
+    assert result["head_over_base"]["median_ms"] > 0
+    worktrees = subprocess.run(["git", "worktree", "list"], cwd=ROOT, capture_output=True,
+                               text=True, check=True).stdout
+    assert not any(line.split()[0].endswith("/base") for line in worktrees.splitlines())
