@@ -73,7 +73,9 @@ def test_empty_cache_is_identical_to_tfrs_retrieval(kwargs, training):
     queries, candidates, ids = multi_head_batch(tower, [3, 7, 3, 11, 1])
     weights = tf.constant([1.0, 0.5, 2.0, 1.0, 0.0])
     probability = tf.constant([0.1, 0.2, 0.1, 0.3, 0.05])
-    for call_kwargs in ({}, {"sample_weight": weights, "candidate_sampling_probability": probability}):
+    mask = tf.constant(np.random.default_rng(4).random((5, 5)) > 0.3) | tf.eye(5, dtype=tf.bool)
+    for call_kwargs in ({}, {"sample_weight": weights, "candidate_sampling_probability": probability},
+                        {"score_mask": mask, "sample_weight": weights}):
         expected = reference(queries, candidates, candidate_ids=ids, **call_kwargs)
         got = ours(queries, candidates, candidate_ids=ids, candidate_features={"item_id": ids},
                    training=training, **call_kwargs)
@@ -91,6 +93,8 @@ def test_empty_cache_is_identical_to_tfrs_retrieval(kwargs, training):
     ({"remove_accidental_hits": True, "num_hard_negatives": 2},
      {"sample_weight": np.array([1.0, 0.5, 2.0, 1.0], np.float32)}),
     ({}, {"candidate_sampling_probability": np.array([0.1, 0.2, 0.3, 0.4], np.float32)}),
+    ({"temperature": 0.2}, {"score_mask": np.array([[1, 0, 1, 1], [1, 1, 0, 0], [0, 1, 1, 1],
+                                                    [1, 1, 1, 1]], bool)}),
 ])
 def test_without_cache_it_is_tfrs_retrieval(kwargs, call_kwargs):
     task = tfnegcache.CacheRetrieval(**kwargs)
@@ -338,7 +342,11 @@ def test_sharded_cache_without_replicas_draws_from_the_maxsim_softmax():
 
 def _sharded_scenario(out):
     """Run in a subprocess: two logical CPUs, a MirroredStrategy, a sharded cache whose two
-    shards hold different halves of the items, `[4, HEADS, DIM]` queries per replica."""
+    shards hold different halves of the items, `[4, HEADS, DIM]` queries per replica.
+
+    Logical devices must be set before TensorFlow creates its first tensor, so this module
+    (and what it imports) creates none at import time.
+    """
     cpu = tf.config.list_physical_devices("CPU")[0]
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
     strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
@@ -370,10 +378,11 @@ def _sharded_scenario(out):
         for row, items in enumerate(drawn.numpy().reshape(8, -1)):
             counts[row] += np.bincount(items, minlength=2 * half)
     logits = maxsim(queries, embeddings) / TEMPERATURE
-    json.dump({"log_mass": log_mass.numpy().tolist(),
-               "expected_log_mass": scipy.special.logsumexp(logits, 1).tolist(),
-               "counts": counts.tolist(),
-               "probs": [softmax(row).tolist() for row in logits]}, open(out, "w"))
+    with open(out, "w") as f:
+        json.dump({"log_mass": log_mass.numpy().tolist(),
+                   "expected_log_mass": scipy.special.logsumexp(logits, 1).tolist(),
+                   "counts": counts.tolist(),
+                   "probs": [softmax(row).tolist() for row in logits]}, f)
 
 
 def test_sharded_draw_over_two_replicas_gathers_every_head(tmp_path):
@@ -390,8 +399,10 @@ def test_sharded_draw_over_two_replicas_gathers_every_head(tmp_path):
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-    assert proc.returncode == 0, open(log_path).read()[-3000:]
-    result = json.load(open(out))
+    with open(log_path) as log:
+        assert proc.returncode == 0, log.read()[-3000:]
+    with open(out) as f:
+        result = json.load(f)
     np.testing.assert_allclose(result["log_mass"], result["expected_log_mass"], rtol=1e-5)
     counts, probs = np.array(result["counts"]), np.array(result["probs"])
     for row in range(8):   # 40 steps x 50 draws per query, over the union of both shards
