@@ -314,6 +314,26 @@ class NegativeCache(tf.keras.layers.Layer):
                 f"embedding_dim). Received shape {tuple(embeddings.shape)}.")
         return embeddings
 
+    def check_queries(self, queries: tf.Tensor, what: str = "query_embeddings") -> tf.Tensor:
+        """Checks that queries are `[B, embedding_dim]` or `[B, H, embedding_dim]` (multi-head)
+        floats; returns them."""
+        queries = tf.convert_to_tensor(queries)
+        if not queries.dtype.is_floating:
+            raise ValueError(
+                f"`{what}` must be floating point. Received dtype {queries.dtype.name}.")
+        shapes = (f"[num_rows, {self.embedding_dim}] or, multi-head, "
+                  f"[num_rows, num_heads, {self.embedding_dim}]")
+        rank = queries.shape.rank
+        if rank is not None and rank not in (2, 3):
+            raise ValueError(
+                f"`{what}` must have shape {shapes}. Received shape {tuple(queries.shape)}.")
+        if rank is not None and queries.shape[-1] not in (None, self.embedding_dim):
+            raise ValueError(
+                f"`{what}` have dimension {queries.shape[-1]}, but the cache stores embeddings "
+                f"of dimension {self.embedding_dim}: they must have shape {shapes}. Received "
+                f"shape {tuple(queries.shape)}.")
+        return queries
+
     def check_ids(self, ids: tf.Tensor, what: str = "candidate_ids") -> tf.Tensor:
         """Checks that ids are a vector of the cache's id dtype (int32 is widened)."""
         ids = tf.convert_to_tensor(ids)
@@ -390,7 +410,9 @@ class NegativeCache(tf.keras.layers.Layer):
         """Scores queries against the cache; draws Gumbel-Max samples when `draw`.
 
         Args:
-          queries: `[B, d]` query embeddings.
+          queries: `[B, d]` query embeddings, or `[B, H, d]` multi-head ones: a slot then
+            scores `max_h <q_ih, e_j> / T` (maxsim over heads, as `tfrs.tasks.Retrieval`),
+            and that score is what the softmax, the draw, `top_m` and the log-mass use.
           num_samples: k draws per query.
           temperature: the softmax temperature T (scores are `<q, e> / T`).
           masked_ids: ids never drawn for any query (the batch's candidates, when they are
@@ -408,11 +430,7 @@ class NegativeCache(tf.keras.layers.Layer):
           and a restored checkpoint do not disturb the stream.
         """
         num_samples = checks.integer("num_samples", num_samples, 1)
-        if queries.shape.rank is not None and queries.shape[-1] not in (None, self.embedding_dim):
-            raise ValueError(
-                f"Query embeddings have dimension {queries.shape[-1]}, but the cache stores "
-                f"embeddings of dimension {self.embedding_dim}. Received query shape "
-                f"{tuple(queries.shape)}.")
+        queries = self.check_queries(queries)
         masked = self.lookup(masked_ids) if masked_ids is not None else None
         excluded = self.lookup(excluded_ids) if excluded_ids is not None else None
         seed = self._next_draw_seed() if draw else None
@@ -422,7 +440,8 @@ class NegativeCache(tf.keras.layers.Layer):
                 queries, self.embeddings, self.slot_bias(masked), inv_temperature, num_samples,
                 seed, top_m, excluded_slots=excluded)
         plan = sampling.plan_sampler(self.size, self.embedding_dim, queries.shape[0],
-                                     self.block_size)
+                                     self.block_size,
+                                     num_heads=sampling.query_heads(queries))
         return sampling.sample_cache(
             queries, self.embeddings, self.slot_bias(masked), inv_temperature, num_samples,
             seed, excluded_slots=excluded, plan=plan)
@@ -431,7 +450,7 @@ class NegativeCache(tf.keras.layers.Layer):
              masked_ids: Optional[tf.Tensor] = None, excluded_ids: Optional[tf.Tensor] = None,
              draw: bool = True, top_m: Optional[int] = None) -> CacheNegatives:
         """`sample`, plus the drawn slots' features and stale embeddings (what the task
-        re-encodes). Arguments as in `sample`."""
+        re-encodes). Arguments as in `sample` (queries `[B, d]` or `[B, H, d]`)."""
         result = self.sample(queries, num_samples, temperature, masked_ids, excluded_ids,
                              draw, top_m)
         if not draw:

@@ -14,6 +14,22 @@ from tfnegcache.sharded import ShardedNegativeCache
 MIN_FLOAT = tfrs.tasks.retrieval.MIN_FLOAT
 
 
+def _own_scores(queries: tf.Tensor, candidates: tf.Tensor) -> tf.Tensor:
+    """Scores of each query with its own candidates.
+
+    Args:
+      queries: `[B, d]`, or `[B, H, d]` multi-head queries (scored by their best head, the
+        maxsim of `tfrs.tasks.Retrieval`).
+      candidates: `[B, k, d]`, k candidates per query.
+
+    Returns:
+      `[B, k]` scores (no temperature).
+    """
+    if queries.shape.rank == 3:
+        return tf.reduce_max(tf.einsum("bhd,bkd->bkh", queries, candidates), axis=-1)
+    return tf.reduce_sum(queries[:, None, :] * candidates, axis=-1)
+
+
 class CacheRetrieval(tfrs.tasks.Retrieval):
     """A retrieval task whose softmax also ranges over a large cache of candidates.
 
@@ -42,6 +58,13 @@ class CacheRetrieval(tfrs.tasks.Retrieval):
 
     With `cache=None`, or while the cache is empty, loss and metrics are those of
     `tfrs.tasks.Retrieval` for the same arguments.
+
+    Multi-head queries: as in `tfrs.tasks.Retrieval`, query embeddings may be
+    `[num_queries, num_heads, d]`, and a candidate then scores `max_h <q_ih, v> / T`
+    ("maxsim"): the in-batch candidates as TFRS scores them, every cached candidate with its
+    stale embedding (that score is what the cache's softmax, the draw, `top_m` and `M_i`
+    use), and the re-encoded negatives with their fresh embeddings. The loss is the cross
+    entropy above with maxsim scores; factorized metrics are skipped, as TFRS skips them.
 
     Example (the TFRS tutorial's model, with the cache):
 
@@ -244,7 +267,12 @@ class CacheRetrieval(tfrs.tasks.Retrieval):
         cache): their columns are masked except where they are the row's positive, since the
         cache's exact sum already counts them.
         """
-        scores = tf.linalg.matmul(query_embeddings, candidate_embeddings, transpose_b=True)
+        if query_embeddings.shape.rank == 3:
+            # Multi-head: maxsim, with TFRS's own ops, so an empty cache gives its loss exactly.
+            scores = tf.einsum("qne,ce->qnc", query_embeddings, candidate_embeddings)
+            scores = tf.math.reduce_max(scores, axis=1)
+        else:
+            scores = tf.linalg.matmul(query_embeddings, candidate_embeddings, transpose_b=True)
         labels = tf.eye(tf.shape(scores)[0], tf.shape(scores)[1])
         if self._temperature is not None:
             scores = scores / self._temperature
@@ -279,13 +307,8 @@ class CacheRetrieval(tfrs.tasks.Retrieval):
                 f"{sorted(self.cache.feature_spec)}) must be passed to the task. Received: "
                 f"candidate_ids={'None' if candidate_ids is None else 'a tensor'}, "
                 f"candidate_features={'None' if candidate_features is None else 'a dict'}.")
-        if query_embeddings.shape.rank != 2:
-            raise ValueError(
-                "With a negative cache, `query_embeddings` must be [num_queries, "
-                f"embedding_dim]. Received shape {tuple(query_embeddings.shape)}.")
-        for what, tensor in (("query_embeddings", query_embeddings),
-                             ("candidate_embeddings", candidate_embeddings)):
-            self.cache.check_embeddings(tensor, what)
+        self.cache.check_queries(query_embeddings, "query_embeddings")
+        self.cache.check_embeddings(candidate_embeddings, "candidate_embeddings")
         candidate_ids = self.cache.check_ids(candidate_ids)
         checks.same_rows(candidate_ids, tf.shape(candidate_embeddings)[0], "`candidate_ids`",
                          "candidate embeddings")
@@ -342,8 +365,8 @@ class CacheRetrieval(tfrs.tasks.Retrieval):
                 return log_mass, None
 
         fresh = self._encode(negatives.features, query_embeddings.dtype)
-        fresh_scores = tf.reduce_sum(
-            query_embeddings[:, None, :] * tf.reshape(fresh, [num_queries, k, -1]), axis=-1)
+        fresh_scores = _own_scores(query_embeddings,
+                                   tf.reshape(fresh, [num_queries, k, self.cache.embedding_dim]))
         if self._temperature is not None:
             fresh_scores = fresh_scores / self._temperature
         if uniform:
@@ -404,7 +427,10 @@ class CacheRetrieval(tfrs.tasks.Retrieval):
         """Computes the loss (and updates metrics); records the cache update in training.
 
         Args:
-          query_embeddings: `[num_queries, d]`.
+          query_embeddings: `[num_queries, d]`, or `[num_queries, num_heads, d]`: a
+            candidate (in-batch, cached or re-encoded) then scores the max over heads of
+            `<q_ih, v>` ("maxsim", as `tfrs.tasks.Retrieval`), and factorized metrics are
+            skipped.
           candidate_embeddings: `[num_candidates, d]`, the first `num_queries` rows the
             positives (extra rows are extra in-batch negatives, as in TFRS).
           sample_weight, candidate_sampling_probability, compute_metrics,
@@ -454,8 +480,7 @@ class CacheRetrieval(tfrs.tasks.Retrieval):
                 candidate_ids, score_mask, covered)
         else:
             num_queries = tf.shape(query_embeddings)[0]
-            scores = tf.reduce_sum(
-                query_embeddings * candidate_embeddings[:num_queries], -1, keepdims=True)
+            scores = _own_scores(query_embeddings, candidate_embeddings[:num_queries, None, :])
             if self._temperature is not None:
                 scores = scores / self._temperature
             labels = tf.ones_like(scores)
@@ -469,7 +494,8 @@ class CacheRetrieval(tfrs.tasks.Retrieval):
                 features, candidate_embeddings, candidate_ids, write_back)
 
         update_ops = [metric.update_state(loss) for metric in self._loss_metrics]
-        if compute_metrics:
+        # As TFRS: top-k indexes score single-vector queries only.
+        if compute_metrics and query_embeddings.shape.rank == 2:
             for metric in self._factorized_metrics:
                 update_ops.append(metric.update_state(
                     query_embeddings, candidate_embeddings[:tf.shape(query_embeddings)[0]],

@@ -11,6 +11,10 @@ Two functions do the work:
   `P(slot) = P(block) P(slot | block)`, this is the same distribution as full Gumbel-Max, with
   `B k (N / b + b)` random numbers instead of `B k N`.
 
+Queries may be `[B, d]` or multi-head `[B, H, d]`: a slot's score is then the max over heads
+of `<q_ih, e_j>` ("maxsim", as `tfrs.tasks.Retrieval` scores multi-head queries), and every
+sampler draws from the softmax of those scores.
+
 All randomness is stateless (`tf.random.stateless_uniform`), keyed by a `[2]` int seed, so a
 draw is reproducible from its seed and a restored checkpoint continues the same stream.
 """
@@ -89,6 +93,7 @@ def plan_sampler(
     num_queries: Optional[int],
     block_size: Optional[int] = None,
     tile_elements: int = DEFAULT_TILE_ELEMENTS,
+    num_heads: int = 1,
 ) -> SamplerPlan:
     """Chooses block and chunk sizes from the shapes.
 
@@ -96,8 +101,10 @@ def plan_sampler(
       num_slots: N.
       embedding_dim: d.
       num_queries: B if static, else None (then 512 is assumed for the memory budget).
-      block_size: force b (tests use this); else the power of two nearest `sqrt(N / (d + 1))`.
-      tile_elements: the largest `B * chunk` score tile to hold at once.
+      block_size: force b (tests use this); else the power of two nearest
+        `sqrt(N / (H d + 1))` (re-scoring a slot in stage 2 costs `H d`).
+      tile_elements: the largest `B * H * chunk` score tile to hold at once.
+      num_heads: H, heads per query (`[B, H, d]` queries); 1 for `[B, d]`.
 
     Returns:
       A `SamplerPlan`.
@@ -105,11 +112,11 @@ def plan_sampler(
     if num_slots < 1:
         raise ValueError(f"`num_slots` must be >= 1. Received: num_slots={num_slots}.")
     if block_size is None:
-        ideal = math.sqrt(num_slots / (embedding_dim + 1))
+        ideal = math.sqrt(num_slots / (num_heads * embedding_dim + 1))
         block_size = 2 ** max(0, round(math.log2(max(ideal, 1.0))))
     block_size = int(min(max(block_size, 1), num_slots))
     num_blocks = -(-num_slots // block_size)
-    rows = num_queries or 512
+    rows = (num_queries or 512) * num_heads
     blocks_per_chunk = max(1, tile_elements // (rows * block_size))
     return SamplerPlan(num_slots, block_size, int(min(blocks_per_chunk, num_blocks)))
 
@@ -131,22 +138,38 @@ class CacheDraw:
     perturbed: Optional[tf.Tensor] = None
 
 
+def query_heads(queries: tf.Tensor) -> int:
+    """H of `[B, H, d]` queries; 1 for `[B, d]` queries or when H is not static (then only
+    the tile budget assumes one head)."""
+    if queries.shape.rank == 3:
+        return queries.shape[1] or 1
+    return 1
+
+
 def _masked_scores(queries, embeddings, positions, slot_bias, excluded_slots, inv_temperature,
                    num_slots):
     """Scores queries against the slots at `positions` with every mask applied.
 
     `positions` is `[P]` (one tile shared by every query: a matmul) or `[B, k, P]` (a block per
     draw: a batched dot product). Positions `>= num_slots` are padding and score `-inf`.
+    `[B, H, d]` queries score a slot by their best head.
     """
     valid = positions < num_slots
     safe = tf.minimum(positions, num_slots - 1)
     cached = tf.cast(tf.gather(embeddings, safe), queries.dtype)
+    multi_head = queries.shape.rank == 3
     if positions.shape.rank == 1:
-        scores = tf.matmul(queries, cached, transpose_b=True)
+        if multi_head:
+            scores = tf.reduce_max(tf.einsum("bhd,pd->bhp", queries, cached), axis=1)
+        else:
+            scores = tf.matmul(queries, cached, transpose_b=True)
         expand = lambda x: x[None, :]  # noqa: E731
         excluded = excluded_slots[:, None] if excluded_slots is not None else None
     else:
-        scores = tf.einsum("bd,bkpd->bkp", queries, cached)
+        if multi_head:
+            scores = tf.reduce_max(tf.einsum("bhd,bkpd->bkhp", queries, cached), axis=2)
+        else:
+            scores = tf.einsum("bd,bkpd->bkp", queries, cached)
         expand = lambda x: x  # noqa: E731
         excluded = excluded_slots[:, None, None] if excluded_slots is not None else None
     scores = scores * inv_temperature + expand(tf.gather(slot_bias, safe))
@@ -180,10 +203,19 @@ def block_log_masses(queries, embeddings, slot_bias, excluded_slots, inv_tempera
     the matmul as an extra column, `[q, 1] . [e, bias] = q . e + bias`, instead of a `[B, chunk]`
     add and mask. Only per-query exclusions (when given) still need a `[B, chunk]` select.
 
+    `[B, H, d]` queries are scored as `B * H` rows by the same matmul, and each tile is
+    reduced to its max over heads (`[B, H, chunk] -> [B, chunk]`) before the log-masses: the
+    bias column adds the same value to every head, so it commutes with the max.
+
     Returns:
       `[B, num_blocks]` block log-masses (`-inf` for blocks with nothing eligible).
     """
     num_rows = tf.shape(queries)[0]
+    multi_head = queries.shape.rank == 3
+    if multi_head:
+        num_heads = tf.shape(queries)[1]
+        dim = queries.shape[2] if queries.shape[2] is not None else tf.shape(queries)[2]
+        queries = tf.reshape(queries, [num_rows * num_heads, dim])
     scaled = tf.concat([queries * tf.cast(inv_temperature, queries.dtype),
                         tf.ones_like(queries[:, :1])], axis=1)
     slot_bias = tf.cast(slot_bias, queries.dtype)
@@ -202,6 +234,9 @@ def block_log_masses(queries, embeddings, slot_bias, excluded_slots, inv_tempera
             bias = tf.where(positions < plan.num_slots, tf.gather(slot_bias, safe), NEG_INF)
         cached = tf.concat([tf.cast(cached, queries.dtype), bias[:, None]], axis=1)
         scores = tf.matmul(scaled, cached, transpose_b=True)
+        if multi_head:
+            scores = tf.reduce_max(
+                tf.reshape(scores, [num_rows, num_heads, plan.chunk_size]), axis=1)
         if excluded_slots is not None:
             positions = start + tf.range(plan.chunk_size)
             scores = tf.where(positions[None, :] != excluded_slots[:, None], scores, NEG_INF)
@@ -226,10 +261,11 @@ def sample_cache(
     """Log-mass of the cache per query and, if `seed` is given, exact Gumbel-Max draws.
 
     The distribution drawn from is `softmax_j(<q_i, e_j> * inv_temperature + slot_bias_j)` over
-    the slots j that are not excluded for query i.
+    the slots j that are not excluded for query i; for `[B, H, d]` queries the score is
+    `max_h <q_ih, e_j>` (maxsim), in the block log-masses and the within-block draw alike.
 
     Args:
-      queries: `[B, d]` query embeddings (treated as constants).
+      queries: `[B, d]` or `[B, H, d]` query embeddings (treated as constants).
       embeddings: `[N, d]` cached embeddings (any float dtype; scored in `queries.dtype`).
       slot_bias: `[N]` added to every query's score of slot j: 0 for eligible slots, `-inf`
         for empty or masked ones.
@@ -246,7 +282,8 @@ def sample_cache(
     queries = tf.stop_gradient(queries)
     embeddings = tf.convert_to_tensor(embeddings)
     if plan is None:
-        plan = plan_sampler(embeddings.shape[0], embeddings.shape[1], queries.shape[0])
+        plan = plan_sampler(embeddings.shape[0], embeddings.shape[1], queries.shape[0],
+                            num_heads=query_heads(queries))
     if excluded_slots is not None:
         excluded_slots = tf.cast(excluded_slots, tf.int32)
     block_masses = block_log_masses(queries, embeddings, slot_bias, excluded_slots,
@@ -285,13 +322,13 @@ def top_m_scores(queries, embeddings, slot_bias, excluded_slots, inv_temperature
     The cache is scored one `[B, chunk]` tile at a time; each tile keeps its own top
     `min(m, chunk)` (`tf.math.top_k`), and the per-chunk winners, `[B, num_chunks * m]`, are
     merged by a last `top_k`. Exact: the global top m of a query lies within the union of
-    every chunk's top m.
+    every chunk's top m. `[B, H, d]` queries rank slots by their maxsim score.
 
     Args:
       queries, embeddings, slot_bias, excluded_slots, inv_temperature: as in `sample_cache`.
       m: how many slots to keep per query (capped at N).
       chunk_size: slots per tile; default from `tile_elements` (at least m).
-      tile_elements: the largest `B * chunk` tile to hold at once.
+      tile_elements: the largest `B * H * chunk` tile to hold at once.
 
     Returns:
       `(scores [B, m], slots [B, m] int32)`, best first. Where fewer than m slots are
@@ -302,7 +339,7 @@ def top_m_scores(queries, embeddings, slot_bias, excluded_slots, inv_temperature
     num_slots = int(embeddings.shape[0])
     m = int(min(max(1, m), num_slots))
     if chunk_size is None:
-        rows = queries.shape[0] or 512
+        rows = (queries.shape[0] or 512) * query_heads(queries)
         chunk_size = max(m, tile_elements // rows)
     chunk_size = int(min(max(chunk_size, 1), num_slots))
     per_chunk = min(m, chunk_size)

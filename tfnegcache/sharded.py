@@ -69,6 +69,9 @@ class ShardedNegativeCache(tf.keras.layers.Layer):
     def check_embeddings(self, embeddings, what: str = "embeddings"):
         return self.shards[0].check_embeddings(embeddings, what)
 
+    def check_queries(self, queries, what: str = "query_embeddings"):
+        return self.shards[0].check_queries(queries, what)
+
     def check_ids(self, ids, what: str = "candidate_ids"):
         return self.shards[0].check_ids(ids, what)
 
@@ -120,9 +123,11 @@ class ShardedNegativeCache(tf.keras.layers.Layer):
         Every replica scores the global batch's queries (all-gathered) against its shard.
         The masked ids are the global batch's, so a candidate of any replica's batch is never
         drawn from the cache. Arguments and result as in `NegativeCache.draw`; the slots are
-        union addresses (`replica * size + slot`).
+        union addresses (`replica * size + slot`). Queries may be `[B, d]` or `[B, H, d]`
+        (maxsim over heads): the gather keeps every head, so each shard scores as one cache.
         """
         self.check_sampling(top_m)
+        queries = self.check_queries(queries)
         shard = self.local_shard()
         num_rows = tf.shape(queries)[0]
         rows = tf.range(num_rows) + distribute.replica_id() * num_rows
