@@ -122,3 +122,17 @@ def test_quick_ab_step_time_compares_the_library_with_the_previous_commit(tmp_pa
     worktrees = subprocess.run(["git", "worktree", "list"], cwd=ROOT, capture_output=True,
                                text=True, check=True).stdout
     assert not any(line.split()[0].endswith("/base") for line in worktrees.splitlines())
+
+
+def test_quick_transaction_cost_times_both_steps(tmp_path):
+    env = dict(os.environ, TFNEGCACHE_BENCHMARK_DIR=str(tmp_path), TF_CPP_MIN_LOG_LEVEL="2",
+               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.transaction_cost", "--quick"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "transaction_cost.json").read_text())
+    assert result["calls"] == 6 and result["N"] == 2**10
+    assert all(v > 0 for v in result["median_ms"].values())
+    assert result["with_over_without"] == pytest.approx(
+        result["median_ms"]["with_checks"] / result["median_ms"]["without_checks"])

@@ -12,21 +12,10 @@ import tensorflow as tf
 
 import tfnegcache
 import toy
+from test_refresh import Recorder
 from test_retrieval import DIM, batch, fill, make_task
 
 NUM_ITEMS, TEMPERATURE = 12, 2.0
-
-
-class Recorder(tf.keras.losses.Loss):
-    """Softmax cross entropy, summed, keeping the last logits it saw."""
-
-    def __init__(self):
-        super().__init__(reduction=tf.keras.losses.Reduction.SUM)
-        self.logits = None
-
-    def call(self, y_true, y_pred):
-        self.logits = y_pred
-        return tf.nn.softmax_cross_entropy_with_logits(y_true, y_pred)
 
 
 def uniform_task(use_in_batch=True, k=2, **kwargs):

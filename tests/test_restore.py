@@ -143,3 +143,14 @@ def test_a_checkpoint_without_the_cache_restores_the_towers_only(tmp_path):
     np.testing.assert_array_equal(other.query_tower.embeddings.numpy(),
                                   model.query_tower.embeddings.numpy())
     assert os.path.exists(path + ".index")
+
+
+@pytest.mark.parametrize("cache_type", [tfnegcache.NegativeCache, tfnegcache.ShardedNegativeCache])
+def test_get_config_round_trips_both_cache_types(cache_type):
+    spec = {"item_id": tf.TensorSpec([], tf.int64), "title": tf.TensorSpec([2], tf.string)}
+    cache = cache_type(8, spec, 4, id_dtype=tf.string, embedding_dtype=tf.bfloat16, seed=3,
+                       block_size=2, name="movies")
+    rebuilt = cache_type.from_config(cache.get_config())
+    assert type(rebuilt) is cache_type  # pylint: disable=unidiomatic-typecheck
+    assert rebuilt.get_config() == cache.get_config()
+    assert rebuilt.feature_spec == cache.feature_spec and rebuilt.name == "movies"

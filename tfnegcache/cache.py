@@ -188,6 +188,7 @@ class NegativeCache(tf.keras.layers.Layer):
                     "`NegativeCache` is the replicated layout (every replica holds the same "
                     "slots). For per-replica shards use `tfnegcache.ShardedNegativeCache` with "
                     f"the same arguments. Received: layout={layout!r}.")
+        kwargs.pop("trainable", None)   # a cache is never trainable (get_config has it)
         super().__init__(name=name, trainable=False, **kwargs)
         size = checks.integer("size", size, 1)
         embedding_dim = checks.integer("embedding_dim", embedding_dim, 1)
@@ -839,11 +840,16 @@ class NegativeCache(tf.keras.layers.Layer):
 
     @classmethod
     def from_config(cls, config):
-        config = dict(config)
-        config["feature_spec"] = {
-            k: tf.TensorSpec(v["shape"], tf.as_dtype(v["dtype"]))
-            for k, v in config["feature_spec"].items()}
-        return cls(**config)
+        return cls(**spec_from_config(config))
+
+
+def spec_from_config(config: dict) -> dict:
+    """A cache's `get_config()` with its `feature_spec` turned back into `tf.TensorSpec`s."""
+    config = dict(config)
+    config["feature_spec"] = {
+        k: tf.TensorSpec(v["shape"], tf.as_dtype(v["dtype"]))
+        for k, v in config["feature_spec"].items()}
+    return config
 
 
 def refresh_seed(cache_seed: int, step) -> tf.Tensor:

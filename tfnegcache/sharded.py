@@ -6,7 +6,8 @@ from typing import Dict, List, Optional, Tuple
 import tensorflow as tf
 
 from tfnegcache import distribute
-from tfnegcache.cache import CacheNegatives, CacheUpdate, NegativeCache, _Writes
+from tfnegcache.cache import (CacheNegatives, CacheUpdate, NegativeCache, _Writes,
+                              spec_from_config)
 
 
 class ShardedNegativeCache(tf.keras.layers.Layer):
@@ -49,6 +50,7 @@ class ShardedNegativeCache(tf.keras.layers.Layer):
                  name: str = "negative_cache", **kwargs) -> None:
         """Creates one empty shard of `size` slots per local replica (arguments as in
         `NegativeCache`; `size` is per replica)."""
+        kwargs.pop("trainable", None)   # a cache is never trainable (get_config has it)
         super().__init__(name=name, trainable=False, **kwargs)
         self.shards: List[NegativeCache] = []
         for r, device in enumerate(distribute.shard_devices()):
@@ -222,11 +224,7 @@ class ShardedNegativeCache(tf.keras.layers.Layer):
 
     @classmethod
     def from_config(cls, config):
-        config = dict(config)
-        config["feature_spec"] = {
-            k: tf.TensorSpec(v["shape"], tf.as_dtype(v["dtype"]))
-            for k, v in config["feature_spec"].items()}
-        return cls(**config)
+        return cls(**spec_from_config(config))
 
 
 class ShardedCacheBackup(tf.keras.callbacks.Callback):
