@@ -18,6 +18,7 @@ NUM_RATINGS = 40_000
 
 
 def tutorial_data():
+    """The fixture as the tutorial's two datasets: rating dicts, and movie titles."""
     users, movies, titles, _, _ = ml_fixture.arrays(
         num_users=943, num_movies=1664, num_ratings=NUM_RATINGS, seed=3)
     ratings = tf.data.Dataset.from_tensor_slices({
@@ -26,8 +27,10 @@ def tutorial_data():
     return ratings, tf.data.Dataset.from_tensor_slices(np.asarray(titles).astype(bytes))
 
 
-def run_tutorial(swap: bool):
-    ratings, movies = tutorial_data()
+def run_tutorial(swap: bool, data=tutorial_data, num_ratings=NUM_RATINGS):
+    """The tutorial (`swap`: with the cache) on `data()`, `(ratings, movies)` datasets of
+    `num_ratings` ratings; returns `(model, fit history, evaluate results)`."""
+    ratings, movies = data()
     # -- from here on, the tutorial --
     ratings = ratings.map(lambda x: {
         "movie_title": x["movie_title"],
@@ -35,8 +38,8 @@ def run_tutorial(swap: bool):
     })
     tf.random.set_seed(42)
     shuffled = ratings.shuffle(100_000, seed=42, reshuffle_each_iteration=False)
-    train = shuffled.take(int(NUM_RATINGS * 0.8))
-    test = shuffled.skip(int(NUM_RATINGS * 0.8)).take(int(NUM_RATINGS * 0.2))
+    train = shuffled.take(int(num_ratings * 0.8))
+    test = shuffled.skip(int(num_ratings * 0.8)).take(int(num_ratings * 0.2))
 
     movie_titles = movies.batch(1_000)
     user_ids = ratings.batch(1_000_000).map(lambda x: x["user_id"])
