@@ -1,4 +1,4 @@
-"""What the cache buys: recall vs cache size and refresh rate (issue 7's study).
+"""What the cache buys: recall vs cache size and refresh rate.
 
     python -m benchmarks.refresh_study            # default grid, ~10 min on 2 cores
     python -m benchmarks.refresh_study --quick    # 1-minute smoke

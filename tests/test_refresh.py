@@ -1,4 +1,4 @@
-"""Issue 7 knobs: refresh policies, warm start, top-m sampling, logQ on in-batch logits only."""
+"""Refresh policies, warm start, top-m sampling, and logQ with a cache."""
 
 import numpy as np
 import pytest

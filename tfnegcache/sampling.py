@@ -312,7 +312,7 @@ def sample_cache(
     return CacheDraw(log_mass=log_mass, slots=slots, perturbed=perturbed)
 
 
-# ------------------------------------------------------------------ top-m restriction (issue 7)
+# ------------------------------------------------------------------ top-m restriction
 
 
 def top_m_scores(queries, embeddings, slot_bias, excluded_slots, inv_temperature, m: int,
