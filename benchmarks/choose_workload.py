@@ -47,6 +47,8 @@ def make_parser():
     p.add_argument("--item-scale", type=float, default=0.25)
     p.add_argument("--query-noise", type=float, default=0.75)
     p.add_argument("--popularity-exponent", type=float, default=0.8)
+    p.add_argument("--item-visible", type=float, default=1.0,
+                   help="share of the item offset in the item features (0: only via id embedding)")
     # towers and training
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--layers", type=int, default=1)
@@ -98,7 +100,7 @@ def same_order(a, b, ties):
 def run_seed(args, seed, hidden, plateau_runs=True, log=print):
     w = W.make_workload(args.num_coarse, args.fine_per_coarse, args.fine_size, args.latent_dim,
                         args.fine_scale, args.item_scale, args.query_noise,
-                        args.popularity_exponent, seed)
+                        args.popularity_exponent, args.item_visible, seed)
     test = w.queries(args.num_test, "test")
     log(f"seed {seed}: N = {w.num_items}, hidden {hidden}, same-fine-cluster rate "
         f"{w.same_fine_cluster_rate(args.batch):.4f}")
@@ -225,7 +227,7 @@ def main(argv=None):
     payload = {"config": vars(args), "workload": W.make_workload(
                    args.num_coarse, args.fine_per_coarse, args.fine_size, args.latent_dim,
                    args.fine_scale, args.item_scale, args.query_noise,
-                   args.popularity_exponent, args.seeds[0]).config(),
+                   args.popularity_exponent, args.item_visible, args.seeds[0]).config(),
                "num_items": per_seed[0]["num_items"], "summary": summary,
                "order": order, "ties": ties,
                "removed_at_equal_steps": removed, "removed_vs_plateau": removed_p,

@@ -73,8 +73,10 @@ class Workload:
     item_scale: float
     query_noise: float
     popularity_exponent: float
+    item_visible: float
     seed: int
     features: np.ndarray = dataclasses.field(repr=False)       # [N, latent_dim] float32
+    latent: np.ndarray = dataclasses.field(repr=False)         # [N, latent_dim] float32, z_i
     fine_cluster: np.ndarray = dataclasses.field(repr=False)   # [N] int32
     coarse_cluster: np.ndarray = dataclasses.field(repr=False)  # [N] int32
     popularity: np.ndarray = dataclasses.field(repr=False)     # [N] float64, sums to 1
@@ -109,7 +111,7 @@ class Workload:
             target = np.minimum(target, self.num_items - 1)
             noise = rng.standard_normal((_BLOCK, self.latent_dim)) / np.sqrt(self.latent_dim)
             ids.append(target)
-            queries.append(self.features[target] + self.query_noise * noise)
+            queries.append(self.latent[target] + self.query_noise * noise)
         lo = start - first * _BLOCK
         return {"query": np.concatenate(queries)[lo:lo + num].astype(np.float32),
                 "item_id": np.concatenate(ids)[lo:lo + num].astype(np.int64)}
@@ -117,7 +119,7 @@ class Workload:
     def oracle_scores(self, query: np.ndarray) -> np.ndarray:
         """The Bayes-optimal log posterior (up to a per-query constant), `[n, N]`."""
         s2 = self.query_noise ** 2 / self.latent_dim
-        z = self.features.astype(np.float64)
+        z = self.latent.astype(np.float64)
         bias = np.log(self.popularity) - 0.5 * (z * z).sum(1) / s2
         return query.astype(np.float64) @ z.T / s2 + bias
 
@@ -131,7 +133,7 @@ class Workload:
 
 def make_workload(num_coarse=64, fine_per_coarse=64, fine_size=16, latent_dim=32,
                   fine_scale=0.5, item_scale=0.25, query_noise=0.25,
-                  popularity_exponent=0.8, seed=0) -> Workload:
+                  popularity_exponent=0.8, item_visible=1.0, seed=0) -> Workload:
     """Builds a workload (see the module docstring); `N = num_coarse * fine_per_coarse *
     fine_size` items (the defaults: 2^16)."""
     for name, value in [("num_coarse", num_coarse), ("fine_per_coarse", fine_per_coarse),
@@ -140,7 +142,7 @@ def make_workload(num_coarse=64, fine_per_coarse=64, fine_size=16, latent_dim=32
             raise ValueError(f"{name} must be a positive integer, got {value}")
     for name, value in [("fine_scale", fine_scale), ("item_scale", item_scale),
                         ("query_noise", query_noise), ("popularity_exponent", popularity_exponent),
-                        ("seed", seed)]:
+                        ("item_visible", item_visible), ("seed", seed)]:
         if value < 0:
             raise ValueError(f"{name} must be >= 0, got {value}")
     rng = np.random.default_rng([seed, _ITEM_STREAM])
@@ -151,15 +153,18 @@ def make_workload(num_coarse=64, fine_per_coarse=64, fine_size=16, latent_dim=32
     fine_offsets = rng.standard_normal((num_fine, latent_dim), dtype=np.float32) * scale
     fine = (rng.permutation(n) // fine_size).astype(np.int32)
     coarse = fine // np.int32(fine_per_coarse)
-    features = coarse_centres[coarse]
-    features += np.float32(fine_scale) * fine_offsets[fine]
-    features += np.float32(item_scale * scale) * rng.standard_normal((n, latent_dim),
-                                                                     dtype=np.float32)
+    clusters = coarse_centres[coarse]
+    clusters += np.float32(fine_scale) * fine_offsets[fine]
+    items = np.float32(item_scale * scale) * rng.standard_normal((n, latent_dim),
+                                                                 dtype=np.float32)
+    latent = clusters + items
+    features = latent if item_visible == 1 else clusters + np.float32(item_visible) * items
     ranks = rng.permutation(n).astype(np.float64) + 1.0
     popularity = ranks ** -popularity_exponent
     popularity /= popularity.sum()
     return Workload(num_coarse, fine_per_coarse, fine_size, latent_dim, fine_scale, item_scale,
-                    query_noise, popularity_exponent, seed, features, fine, coarse, popularity)
+                    query_noise, popularity_exponent, item_visible, seed, features, latent, fine,
+                    coarse, popularity)
 
 
 def sampling_probability(workload: Workload, method: str, batch: int,
