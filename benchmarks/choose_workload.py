@@ -68,7 +68,28 @@ def make_parser():
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--wide", action="store_true", help="also run the 2x-hidden check (seed 1)")
     p.add_argument("--methods", nargs="+", default=list(W.METHODS), choices=W.METHODS)
+    p.add_argument("--reuse", nargs="*", default=[],
+                   help="names of earlier results/workload JSONs with the same configuration "
+                        "whose per-seed runs are taken instead of re-run")
     return p
+
+
+# Arguments that do not change what one seed's run computes (so runs may be reused across them).
+_NOT_RUN_KEYS = {"name", "seeds", "wide", "reuse", "quick"}
+
+
+def reused_runs(args):
+    """`{seed: per-seed result}` from the `--reuse` files; refuses a differing configuration."""
+    runs = {}
+    for name in args.reuse:
+        with open(os.path.join(RESULTS, f"{name}.json"), encoding="utf-8") as f:
+            prev = json.load(f)
+        differ = {k: (prev["config"].get(k), v) for k, v in vars(args).items()
+                  if k not in _NOT_RUN_KEYS and prev["config"].get(k) != v}
+        if differ:
+            raise SystemExit(f"--reuse {name}: configuration differs: {differ}")
+        runs.update({s["seed"]: s for s in prev["per_seed"]})
+    return runs
 
 
 QUICK = dict(num_coarse=4, fine_per_coarse=4, fine_size=8, latent_dim=8, hidden=16, dim=8,
@@ -191,7 +212,12 @@ def main(argv=None):
 
     began = time.perf_counter()
     log = lambda s: print(s, flush=True)  # noqa: E731
-    per_seed = [run_seed(args, s, args.hidden, log=log) for s in args.seeds]
+    reused = reused_runs(args)
+    per_seed = []
+    for seed in args.seeds:
+        if seed in reused:
+            log(f"seed {seed}: reused from {args.reuse}")
+        per_seed.append(reused.get(seed) or run_seed(args, seed, args.hidden, log=log))
     summary, removed, removed_p = summarise(per_seed, args)
 
     n = args.num_test
