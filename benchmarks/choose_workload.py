@@ -173,6 +173,10 @@ def compare(rows):
 
 def summarise(per_seed, args):
     methods = [r["method"] for r in per_seed[0]["rows"]]
+    for seed in per_seed:  # recomputed, so reused runs get the current plateau estimator
+        for row in seed["rows"]:
+            if row["method"] != "full":
+                row["plateau"] = W.plateau(row["curve"], PLATEAU_TOLERANCE)
     summary = {}
     for m in methods:
         rows = [next(r for r in s["rows"] if r["method"] == m) for s in per_seed]
@@ -189,6 +193,7 @@ def summarise(per_seed, args):
             entry["plateau_steps"] = [r["plateau"]["plateau_step"] for r in rows]
             entry["plateaued"] = all(r["plateau"]["plateaued"] for r in rows)
             entry["gain_last_quarter"] = [r["plateau"]["gain_last_quarter"] for r in rows]
+            entry["plateau_level"] = [r["plateau"]["plateau_level"] for r in rows]
             entry["plateau_run_steps"] = rows[0]["steps"]
             entry["best_recall@10_plateau_run"] = float(np.mean([r["best_recall@10"]
                                                                for r in rows]))

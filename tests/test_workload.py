@@ -65,14 +65,16 @@ def test_oracle_ranks_the_positive_first_without_noise():
     assert W.oracle_recall(w, test, ks=(1,))["recall@1"] == 1.0
 
 
-def test_plateau_reads_the_last_quarter():
-    curve = [{"steps": s, "recall@10": r} for s, r in
-             [(100, 0.5), (200, 0.7), (300, 0.8), (400, 0.802)]]
-    p = W.plateau(curve)
+def test_plateau_reads_the_trend_not_the_noise():
+    flat = [{"steps": s, "recall@10": r} for s, r in
+            [(100, 0.5), (200, 0.7), (300, 0.8), (400, 0.81), (500, 0.79), (600, 0.80),
+             (700, 0.81), (800, 0.79)]]
+    p = W.plateau(flat)
     assert p["plateaued"] and p["plateau_step"] == 300
-    assert abs(p["gain_last_quarter"] - 0.002) < 1e-9
+    assert abs(p["plateau_level"] - 0.80) < 1e-9
     rising = [{"steps": s, "recall@10": s / 1000} for s in (100, 200, 300, 400)]
-    assert not W.plateau(rising)["plateaued"]
+    p = W.plateau(rising)
+    assert not p["plateaued"] and abs(p["gain_last_quarter"] - 0.1) < 1e-9
 
 
 def test_same_order_allows_only_tied_swaps():
@@ -108,7 +110,8 @@ def test_quick_run_writes_a_sane_json(tmp_path):
             assert row["steps"] == steps
         else:
             assert row["steps"] == result["config"]["baseline_steps"]
-            assert set(row["plateau"]) == {"gain_last_quarter", "plateaued", "plateau_step"}
+            assert set(row["plateau"]) == {"gain_last_quarter", "raw_gain_last_quarter",
+                                           "plateaued", "plateau_level", "plateau_step"}
     # The removed fraction is what the misses say it is.
     comp = seed["comparison"]
     misses = comp["misses_at_equal_steps"]
