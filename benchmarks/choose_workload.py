@@ -74,8 +74,10 @@ def make_parser():
     return p
 
 
-# Arguments that do not change what one seed's run computes (so runs may be reused across them).
-_NOT_RUN_KEYS = {"name", "seeds", "wide", "reuse", "quick"}
+# Arguments that do not change what one seed's run computes at S (so runs may be reused across
+# them): the baselines' plateau-run length and the curve spacing change neither the training
+# stream nor the weights at step S (evaluation does not touch the training state).
+_NOT_RUN_KEYS = {"name", "seeds", "wide", "reuse", "quick", "baseline_steps", "curve_points"}
 
 
 def reused_runs(args):
@@ -190,6 +192,10 @@ def summarise(per_seed, args):
         entry["steps"] = args.steps
         entry["ms_per_step"] = float(np.mean([r["ms_per_step"] for r in rows]))
         if m != "full":
+            # Plateau evidence only from seeds whose baselines ran past S.
+            long_runs = [(s["seed"], r) for s, r in zip(per_seed, rows) if r["steps"] > args.steps]
+            entry["plateau_seeds"] = [seed for seed, _ in long_runs]
+            rows = [r for _, r in long_runs] or rows
             entry["plateau_steps"] = [r["plateau"]["plateau_step"] for r in rows]
             entry["plateaued"] = all(r["plateau"]["plateaued"] for r in rows)
             entry["gain_last_quarter"] = [r["plateau"]["gain_last_quarter"] for r in rows]
@@ -199,7 +205,8 @@ def summarise(per_seed, args):
                                                                for r in rows]))
         summary[m] = entry
     removed = [s["comparison"].get("removed_at_equal_steps") for s in per_seed]
-    removed_p = [s["comparison"].get("removed_vs_plateau") for s in per_seed]
+    removed_p = [s["comparison"].get("removed_vs_plateau") for s in per_seed
+                 if all(r["steps"] > args.steps for r in s["rows"] if r["method"] != "full")]
     return summary, removed, removed_p
 
 
