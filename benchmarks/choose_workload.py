@@ -252,8 +252,9 @@ def main(argv=None):
     if full is not None and all(m in summary for m in BASELINES):
         criterion = {
             "removed_at_equal_steps_mean": float(np.mean(removed)),
-            "removed_vs_plateau_mean": float(np.mean(removed_p)),
-            "1_negatives_matter": bool(np.mean(removed) >= REMOVED_TARGET
+            # None when no seed's baselines ran past S (no plateau evidence).
+            "removed_vs_plateau_mean": float(np.mean(removed_p)) if removed_p else None,
+            "1_negatives_matter": bool(np.mean(removed) >= REMOVED_TARGET and removed_p
                                        and np.mean(removed_p) >= REMOVED_TARGET),
             "2_baselines_plateaued": all(summary[m]["plateaued"] for m in BASELINES),
             "3_full_recall@100_below_0.99": full["recall@100"]["mean"] < SATURATED,
