@@ -1,7 +1,7 @@
 """A/B of the training step time: this checkout's library against an earlier commit's, in one run.
 
     python -m benchmarks.ab_step_time --base HEAD~1 --log2n 16
-    python -m benchmarks.ab_step_time --quick          # N = 2^10, 2 rounds: a smoke run
+    python -m benchmarks.ab_step_time --quick          # N = 2^10, 1 round: a smoke run
 
 The base commit is checked out (`git worktree add --detach`) into a temporary directory. Both
 sides run this checkout's benchmark harness (`benchmarks/step_time.py`, mode `cache` unless
@@ -62,7 +62,7 @@ def main(argv=None):
     parser.add_argument("--output", default=None, help="JSON path (default: print only)")
     args = parser.parse_args(argv)
     if args.quick:
-        args.log2n, args.rounds, args.repeats = 10, 2, 3
+        args.log2n, args.rounds, args.repeats = 10, 1, 3
 
     base_sha, head_sha = _git("rev-parse", args.base), _git("rev-parse", "HEAD")
     dirty = bool(_git("status", "--porcelain", "--untracked-files=no"))

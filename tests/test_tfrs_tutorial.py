@@ -14,7 +14,7 @@ import tensorflow_recommenders as tfrs
 import ml_fixture
 import tfnegcache
 
-NUM_RATINGS = 40_000
+NUM_RATINGS = 20_000
 
 
 def tutorial_data():
