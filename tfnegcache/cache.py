@@ -1,9 +1,9 @@
 """The negative cache: candidate features, stale embeddings and ids in Keras variables.
 
 `NegativeCache` holds the state and applies a step's writes as one transaction
-(ALGORITHM.md step 6): `prepare` computes every row the step will write and every check of
-them, reading but never writing; `commit` then only scatters. `CacheUpdate` is what a training
-step asks of the cache; `CacheNegatives` is what one draw returns.
+(docs/algorithm.md, step 6): `prepare` computes every row the step will write and every check
+of them, reading but never writing; `commit` then only scatters. `CacheUpdate` is what a
+training step asks of the cache; `CacheNegatives` is what one draw returns.
 """
 
 import dataclasses

@@ -1,4 +1,4 @@
-"""The strategy collectives the caches use under `tf.distribute` (ALGORITHM.md, "Many
+"""The strategy collectives the caches use under `tf.distribute` (docs/algorithm.md, "Many
 replicas"), and nothing about any cache's layout.
 
 Only the strategy's own collectives are used (`merge_call`, `experimental_local_results`,

@@ -73,7 +73,7 @@ class CachedRetrievalModel(tfrs.Model):
             total_loss = loss + regularization_loss
         gradients = tape.gradient(total_loss, self.trainable_variables)
 
-        # One transaction (ALGORITHM.md step 6): every write of the step is computed and
+        # One transaction (docs/algorithm.md step 6): every write of the step is computed and
         # checked before the first one is applied; after that nothing can fail on the data.
         writes = []
         for task in tasks:

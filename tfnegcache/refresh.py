@@ -2,7 +2,7 @@
 
 A cached embedding `e_j` was computed by the candidate tower at some earlier step; the
 gradient estimator's only bias is how far `e_j` is from `g(x_j)` under the current weights
-(ALGORITHM.md step 5). Policies that shrink that gap, composable with each other:
+(docs/algorithm.md step 5). Policies that shrink that gap, composable with each other:
 
 - **write-back** (the default, in `CacheRetrieval`): the negatives re-encoded for the loss
   are written back, so the slots the sampler favours (the hard ones) stay fresh for free.

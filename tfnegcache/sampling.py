@@ -1,4 +1,4 @@
-"""Gumbel-Max sampling from the softmax over a cache of embeddings (ALGORITHM.md, steps 2-3).
+"""Gumbel-Max sampling from the softmax over a cache of embeddings (docs/algorithm.md, 2-3).
 
 Two functions do the work:
 
@@ -127,7 +127,7 @@ class CacheDraw:
 
     Attributes:
       log_mass: `[B]`, `logsumexp_j` of the masked cached scores (`-inf` when nothing is
-        eligible), the `M_i` of ALGORITHM.md step 5.
+        eligible), the `M_i` of docs/algorithm.md step 5.
       slots: `[B, k]` int32 slots drawn, or None when no samples were asked for.
       perturbed: `[B, k]`, the winning perturbed score `max_j (s~_ij + G_ij)` of each draw:
         comparing it across disjoint caches (shards) picks the draw over their union.

@@ -18,7 +18,7 @@ class ShardedNegativeCache(tf.keras.layers.Layer):
     plain variables on their replica's device, each a `NegativeCache` with its own id index
     (`shards`), and checkpoint as separate variables.
 
-    The draw over the union is exact (ALGORITHM.md, "Many replicas"): every replica scores
+    The draw over the union is exact (docs/algorithm.md, "Many replicas"): every replica scores
     the all-gathered global batch of queries against its shard and returns its local
     Gumbel-Max winner with its perturbed score and the shard's log-mass; all-gathering those,
     each query takes the shard with the largest perturbed score (the max of independent
