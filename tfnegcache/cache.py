@@ -95,10 +95,10 @@ class _Writes:
     advance_step: bool
 
     def tensors(self) -> list:
-        return [t for t in tf.nest.flatten(
+        return tf.nest.flatten(
             (self.slots, self.embeddings, self.insert_slots, self.insert_features,
              self.insert_embeddings, self.insert_ids, self.evicted_ids, self.new_ids,
-             self.new_slots, self.cursor, self.num_filled, self.num_rows))]
+             self.new_slots, self.cursor, self.num_filled, self.num_rows))
 
 
 def _in_sorted(sorted_values: tf.Tensor, values: tf.Tensor) -> tf.Tensor:

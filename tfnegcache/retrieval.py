@@ -310,8 +310,10 @@ class CacheRetrieval(tfrs.tasks.Retrieval):
         self.cache.check_queries(query_embeddings, "query_embeddings")
         self.cache.check_embeddings(candidate_embeddings, "candidate_embeddings")
         candidate_ids = self.cache.check_ids(candidate_ids)
-        checks.same_rows(candidate_ids, tf.shape(candidate_embeddings)[0], "`candidate_ids`",
-                         "candidate embeddings")
+        rows_match = checks.same_rows(candidate_ids, tf.shape(candidate_embeddings)[0],
+                                      "`candidate_ids`", "candidate embeddings")
+        with tf.control_dependencies([rows_match]):
+            candidate_ids = tf.identity(candidate_ids)
         num_rows = candidate_embeddings.shape[0]
         features = self.cache.check_features(candidate_features, num_rows)
         return candidate_ids, features

@@ -198,10 +198,8 @@ class ShardedNegativeCache(tf.keras.layers.Layer):
     def commit(self, writes: _Writes) -> None:
         self.local_shard().commit(writes)
 
-    def update(self, update: Optional[CacheUpdate] = None, advance_step: bool = True) -> None:
-        writes = self.prepare(update or CacheUpdate(), advance_step)
-        with tf.control_dependencies(writes.checks):
-            self.commit(writes)
+    # The same transaction as NegativeCache's, over this type's prepare and commit.
+    update = NegativeCache.update
 
     def insert(self, features, embeddings, ids) -> None:
         """Inserts into the current replica's shard (shard 0 outside a replica context)."""
