@@ -149,3 +149,112 @@ def test_default_plan_with_several_chunks_matches_dense_reference(num_slots):
         expected = np.append(expected[~small], expected[small].sum())
         keep = expected > 0
         assert scipy.stats.chisquare(observed[keep], expected[keep]).pvalue > 1e-3
+
+
+# ---------------------------------------------------------------- the shifted tiles and bf16
+
+
+def _several_chunks(scale, num_slots=1024, dim=8, num_queries=4, seed=5):
+    """Queries aligned with their excluded slot (a cached positive) at a low temperature:
+    every score is far below the positive's, the case where a shift taken from the positive
+    would flush the rest of the row to zero."""
+    rng = np.random.default_rng(seed)
+    embeddings = rng.normal(size=(num_slots, dim)).astype(np.float32)
+    embeddings /= np.linalg.norm(embeddings, axis=1, keepdims=True)
+    excluded = np.array([3, 700, 1000, -1], np.int32)[:num_queries] % num_slots
+    excluded[excluded == num_slots - 1] = -1
+    queries = embeddings[np.maximum(excluded, 0)].copy()
+    bias = np.zeros(num_slots, np.float32)
+    bias[np.array([10, 500, 600]) % num_slots] = -np.inf
+    bias[-20:] = -np.inf
+    return queries, embeddings, bias, excluded, scale
+
+
+def _masses(queries, embeddings, bias, excluded, inv_temperature, plan, fallback=None,
+            scoring_dtype=None):
+    return sampling.block_log_masses(tf.constant(queries), tf.constant(embeddings),
+                                     tf.constant(bias), tf.constant(excluded), inv_temperature,
+                                     plan, scoring_dtype, _fallback=fallback)
+
+
+@pytest.mark.parametrize("inv_temperature", [1.0, 20.0, 150.0])
+def test_shifted_tiles_match_the_dense_reference_without_falling_back(inv_temperature):
+    # At 1/T = 150 the positive scores 150 and the rest of its row at most ~100 less: an exact
+    # log-mass needs the shift from the rest of the row, not from the excluded positive.
+    queries, embeddings, bias, excluded, _ = _several_chunks(inv_temperature)
+    plan = sampling.plan_sampler(1024, 8, 4, block_size=16, tile_elements=4 * 256)
+    assert plan.num_chunks == 4
+    fallback = []
+    masses = _masses(queries, embeddings, bias, excluded, inv_temperature, plan, fallback)
+    assert not bool(fallback[0])
+    reference = _reference_logits(queries, embeddings, bias, excluded, inv_temperature)
+    expected = scipy.special.logsumexp(reference.reshape(4, plan.num_blocks, 16), axis=2)
+    masses = masses.numpy()
+    np.testing.assert_allclose(scipy.special.logsumexp(masses, 1),
+                               scipy.special.logsumexp(reference, 1), rtol=1e-6)
+    # Every block within 60 nats of its row's total is exact; a block further below (less
+    # than e^-60 of the mass) may be flushed to -inf, nothing eligible ever gets mass.
+    total = scipy.special.logsumexp(expected, 1, keepdims=True)
+    near = expected > total - 60
+    assert near.sum() > 10
+    if inv_temperature > 100:   # the case in point: eligible blocks far below the best
+        assert (~near & np.isfinite(expected)).any()
+    np.testing.assert_allclose(masses[near], expected[near], rtol=2e-6, atol=2e-5)
+    assert np.all(np.isneginf(masses[np.isneginf(expected)]))
+    assert np.all(masses[~near] <= (total - 60 + 1e-3).repeat(plan.num_blocks, 1)[~near])
+
+
+def test_a_later_score_far_above_the_first_chunk_falls_back_to_exact_tiles():
+    queries, embeddings, bias, excluded, _ = _several_chunks(1.0)
+    embeddings[900] = 300.0 * queries[1]   # 300 nats above anything in the first chunk
+    plan = sampling.plan_sampler(1024, 8, 4, block_size=16, tile_elements=4 * 256)
+    fallback = []
+    masses = _masses(queries, embeddings, bias, excluded, 1.0, plan, fallback)
+    assert bool(fallback[0])
+    reference = _reference_logits(queries, embeddings, bias, excluded, 1.0)
+    expected = scipy.special.logsumexp(reference.reshape(4, plan.num_blocks, 16), axis=2)
+    finite = np.isfinite(expected)
+    np.testing.assert_allclose(masses.numpy()[finite], expected[finite], rtol=2e-6, atol=2e-5)
+
+
+def test_a_first_chunk_with_nothing_eligible_falls_back_to_exact_tiles():
+    queries, embeddings, bias, excluded, _ = _several_chunks(1.0)
+    bias[:256] = -np.inf                   # the whole first chunk is masked
+    plan = sampling.plan_sampler(1024, 8, 4, block_size=16, tile_elements=4 * 256)
+    fallback = []
+    masses = _masses(queries, embeddings, bias, excluded, 1.0, plan, fallback)
+    assert bool(fallback[0])
+    reference = _reference_logits(queries, embeddings, bias, excluded, 1.0)
+    expected = scipy.special.logsumexp(reference.reshape(4, plan.num_blocks, 16), axis=2)
+    np.testing.assert_array_equal(np.isfinite(masses.numpy()), np.isfinite(expected))
+
+
+def _rounded_logits(queries, embeddings, bias, excluded, inv_temperature, dtype):
+    """The scores `scoring_dtype` promises: rounded queries and embeddings, float32
+    accumulation, the score rounded."""
+    q = tf.cast(tf.cast(queries * inv_temperature, dtype), tf.float32).numpy()
+    e = tf.cast(tf.cast(embeddings, dtype), tf.float32).numpy()
+    scores = tf.cast(tf.cast(q @ e.T, dtype), tf.float32).numpy()
+    return _reference_logits(scores, np.eye(scores.shape[1], dtype=np.float32), bias,
+                             excluded, 1.0)
+
+
+@pytest.mark.parametrize("dtype", [tf.bfloat16, tf.float16])
+def test_reduced_precision_scoring_draws_follow_the_softmax_of_the_rounded_scores(dtype):
+    queries, embeddings, bias, excluded, _ = _several_chunks(4.0, num_slots=256, num_queries=3)
+    queries = queries + 0.3 * np.random.default_rng(1).normal(size=queries.shape)
+    queries = queries.astype(np.float32)
+    plan = sampling.plan_sampler(256, 8, 3, block_size=16, tile_elements=3 * 64)
+    assert plan.num_chunks == 4
+    draw = sampling.sample_cache(tf.constant(queries), tf.constant(embeddings),
+                                 tf.constant(bias), 4.0, 20000, tf.constant([4, 2]),
+                                 tf.constant(excluded), plan=plan, scoring_dtype=dtype)
+    rounded = _rounded_logits(queries, embeddings, bias, excluded, 4.0, dtype)
+    exact = _reference_logits(queries, embeddings, bias, excluded, 4.0)
+    np.testing.assert_allclose(draw.log_mass.numpy(), scipy.special.logsumexp(rounded, 1),
+                               rtol=1e-5)
+    assert draw.log_mass.dtype == tf.float32
+    for row in range(3):
+        assert chi_square_p(draw.slots.numpy()[row], softmax(rounded[row])) > 1e-3
+    # The rounding is visible: the scores differ from the float32 ones.
+    assert np.max(np.abs(rounded - exact)[np.isfinite(exact)]) > 1e-3

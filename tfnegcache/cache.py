@@ -162,6 +162,7 @@ class NegativeCache(tf.keras.layers.Layer):
         seed: int = 0,
         block_size: Optional[int] = None,
         name: str = "negative_cache",
+        scoring_dtype: Optional[tf.DType] = None,
         **kwargs,
     ) -> None:
         """Creates an empty cache.
@@ -179,6 +180,12 @@ class NegativeCache(tf.keras.layers.Layer):
           seed: seeds the Gumbel noise; draws are a function of (seed, step, draw index).
           block_size: the sampler's block size; chosen from the shapes when None.
           name: layer name (prefix of the variables' names).
+          scoring_dtype: None (default) scores the cache in the queries' dtype. `tf.bfloat16`
+            or `tf.float16` run the sampler's matmul in that dtype: queries and cached
+            embeddings are rounded to it, and so are the scores the draw and the log-mass
+            use (the shift, `exp` and sums stay in the queries' dtype). The rounding is part
+            of the cache's staleness: the loss on the positives and on the re-encoded
+            negatives stays in the towers' dtype.
           **kwargs: passed to `tf.keras.layers.Layer`.
         """
         if "layout" in kwargs:
@@ -194,6 +201,12 @@ class NegativeCache(tf.keras.layers.Layer):
         embedding_dim = checks.integer("embedding_dim", embedding_dim, 1)
         seed = checks.integer("seed", seed, None)
         block_size = checks.integer("block_size", block_size, 1, size, "size", allow_none=True)
+        if scoring_dtype is not None:
+            scoring_dtype = tf.as_dtype(scoring_dtype)
+            if scoring_dtype not in (tf.float32, tf.bfloat16, tf.float16):
+                raise ValueError(
+                    "`scoring_dtype` must be None (the queries' dtype), tf.float32, "
+                    f"tf.bfloat16 or tf.float16. Received: scoring_dtype={scoring_dtype!r}.")
         if not isinstance(feature_spec, Mapping) or not feature_spec:
             raise ValueError(
                 "`feature_spec` must be a non-empty dict naming the candidate features to "
@@ -221,6 +234,7 @@ class NegativeCache(tf.keras.layers.Layer):
         self.embedding_dtype = embedding_dtype
         self.seed = seed
         self.block_size = block_size
+        self.scoring_dtype = scoring_dtype
         self._draws_this_step = 0
         # True for the shards of a ShardedNegativeCache: variables of one replica, written
         # from its replica context, never gathered.
@@ -439,13 +453,13 @@ class NegativeCache(tf.keras.layers.Layer):
         if top_m is not None:
             return sampling.sample_cache_top_m(
                 queries, self.embeddings, self.slot_bias(masked), inv_temperature, num_samples,
-                seed, top_m, excluded_slots=excluded)
+                seed, top_m, excluded_slots=excluded, scoring_dtype=self.scoring_dtype)
         plan = sampling.plan_sampler(self.size, self.embedding_dim, queries.shape[0],
                                      self.block_size,
                                      num_heads=sampling.query_heads(queries))
         return sampling.sample_cache(
             queries, self.embeddings, self.slot_bias(masked), inv_temperature, num_samples,
-            seed, excluded_slots=excluded, plan=plan)
+            seed, excluded_slots=excluded, plan=plan, scoring_dtype=self.scoring_dtype)
 
     def draw(self, queries: tf.Tensor, num_samples: int, temperature: Optional[float] = None,
              masked_ids: Optional[tf.Tensor] = None, excluded_ids: Optional[tf.Tensor] = None,
@@ -835,6 +849,7 @@ class NegativeCache(tf.keras.layers.Layer):
             "embedding_dtype": self.embedding_dtype.name,
             "seed": self.seed,
             "block_size": self.block_size,
+            "scoring_dtype": None if self.scoring_dtype is None else self.scoring_dtype.name,
         })
         return config
 

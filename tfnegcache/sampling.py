@@ -147,16 +147,22 @@ def query_heads(queries: tf.Tensor) -> int:
 
 
 def _masked_scores(queries, embeddings, positions, slot_bias, excluded_slots, inv_temperature,
-                   num_slots):
+                   num_slots, scoring_dtype=None):
     """Scores queries against the slots at `positions` with every mask applied.
 
     `positions` is `[P]` (one tile shared by every query: a matmul) or `[B, k, P]` (a block per
     draw: a batched dot product). Positions `>= num_slots` are padding and score `-inf`.
-    `[B, H, d]` queries score a slot by their best head.
+    `[B, H, d]` queries score a slot by their best head. With a `scoring_dtype`, the scores are
+    those of `block_log_masses`: `<q / T, e>` from inputs rounded to it, the result rounded to it
+    (the same rounded scores, up to the order of the float32 accumulation inside the matmul).
     """
     valid = positions < num_slots
     safe = tf.minimum(positions, num_slots - 1)
-    cached = tf.cast(tf.gather(embeddings, safe), queries.dtype)
+    dtype, score_dtype = queries.dtype, _scoring_dtype(queries, scoring_dtype)
+    cached = tf.cast(tf.gather(embeddings, safe), score_dtype)
+    if score_dtype != dtype:
+        queries = tf.cast(queries * tf.cast(inv_temperature, dtype), score_dtype)
+        inv_temperature = 1.0
     multi_head = queries.shape.rank == 3
     if positions.shape.rank == 1:
         if multi_head:
@@ -172,7 +178,7 @@ def _masked_scores(queries, embeddings, positions, slot_bias, excluded_slots, in
             scores = tf.einsum("bd,bkpd->bkp", queries, cached)
         expand = lambda x: x  # noqa: E731
         excluded = excluded_slots[:, None, None] if excluded_slots is not None else None
-    scores = scores * inv_temperature + expand(tf.gather(slot_bias, safe))
+    scores = tf.cast(scores, dtype) * inv_temperature + expand(tf.gather(slot_bias, safe))
     eligible = expand(valid)
     if excluded is not None:
         eligible = tf.logical_and(eligible, expand(positions) != excluded)
@@ -193,59 +199,181 @@ def _map_chunks(one_chunk, num_chunks: int, output_spec, num_rows):
         lambda x: tf.reshape(tf.transpose(x, [1, 0, 2]), [num_rows, -1]), stacked)
 
 
+# The shifted tiles (see `block_log_masses`) subtract a per-query shift `c_i = m_i + margin`,
+# `m_i` the query's best score in the first chunk. A score is lost to underflow only below
+# `c_i - 87` (float32 `exp` flushes below e^-87.3), i.e. more than `87 - margin` below `m_i` and
+# so below every query's best score: with N <= 2^30 slots the lost mass is under
+# `2^30 e^-67 < 1e-20` of the total, far below float32 resolution. A later score overflows only
+# if it beats `m_i` by more than `88 + margin`; then the step falls back to exact max-shifted
+# tiles.
+_SHIFT_MARGIN = 20.0
+
+
+def _scoring_dtype(queries, scoring_dtype):
+    return tf.as_dtype(scoring_dtype) if scoring_dtype is not None else queries.dtype
+
+
+def _chunk_rows(embeddings, slot_bias, plan, chunk_index, even):
+    """The `[chunk, d]` embeddings and `[chunk]` bias of one chunk (`-inf` past `num_slots`)."""
+    start = chunk_index * plan.chunk_size
+    if even:
+        return (tf.slice(embeddings, [start, 0], [plan.chunk_size, -1]),
+                tf.slice(slot_bias, [start], [plan.chunk_size]))
+    positions = start + tf.range(plan.chunk_size)
+    safe = tf.minimum(positions, plan.num_slots - 1)
+    bias = tf.where(positions < plan.num_slots, tf.gather(slot_bias, safe), NEG_INF)
+    return tf.gather(embeddings, safe), bias
+
+
 def block_log_masses(queries, embeddings, slot_bias, excluded_slots, inv_temperature,
-                     plan: SamplerPlan) -> tf.Tensor:
+                     plan: SamplerPlan, scoring_dtype=None, _fallback=None) -> tf.Tensor:
     """Per-block `logsumexp` of masked scores, scoring one `[B, chunk]` tile at a time.
 
-    The tile loop is the sampler's hot path (it touches all `B * N` scores), so each tile costs
-    one matmul and the `logsumexp` passes, and almost nothing else: the temperature is folded
-    into the queries, and the slot bias (with `-inf` for padding past `num_slots`) rides in
-    the matmul as an extra column, `[q, 1] . [e, bias] = q . e + bias`, instead of a `[B, chunk]`
-    add and mask. Only per-query exclusions (when given) still need a `[B, chunk]` select.
+    The tile loop is the sampler's hot path (it touches all `B * N` scores), so a tile costs one
+    matmul, one `exp` and one sum, and nothing else:
 
-    `[B, H, d]` queries are scored as `B * H` rows by the same matmul, and each tile is
-    reduced to its max over heads (`[B, H, chunk] -> [B, chunk]`) before the log-masses: the
-    bias column adds the same value to every head, so it commutes with the max.
+    - the temperature is folded into the queries, and the slot bias (`-inf` for empty, masked
+      and padding slots) rides in the matmul as an extra column,
+      `[q, 1] . [e, bias] = q . e + bias`, instead of a `[B, chunk]` add and mask;
+    - the first chunk is reduced exactly (max-shifted `logsumexp`, with each query's excluded
+      slot masked); its best score `m_i` gives every later tile a per-query shift
+      `c_i = m_i + margin` that also rides in the matmul, `[q, 1, -c] . [e, bias, 1]`, so later
+      tiles need no max pass (see `_SHIFT_MARGIN` for why this is exact in float32);
+    - a query's excluded slot (its positive) is not masked in later tiles: the one block that
+      holds it is re-scored exactly afterwards (`[B, b]` work, not `[B, N]`);
+    - if any later tile overflows the shift, every block is recomputed by exact tiles.
+
+    `[B, H, d]` queries are scored as `B * H` rows by the same matmul, and each tile is reduced
+    to its max over heads (`[B, H, chunk] -> [B, chunk]`) first: the bias and shift columns add
+    the same value to every head of a query, so they commute with the max.
+
+    `scoring_dtype` (e.g. `tf.bfloat16`): the matmul's dtype (queries and cached embeddings
+    are rounded to it, and so are the scores it returns); the shift, `exp` and sums stay in
+    the queries' dtype. Default: the queries' dtype.
 
     Returns:
-      `[B, num_blocks]` block log-masses (`-inf` for blocks with nothing eligible).
+      `[B, num_blocks]` block log-masses in the queries' dtype (`-inf` for blocks with nothing
+      eligible). (Tests pass a list as `_fallback`; it receives the bool tensor that says
+      whether the exact tiles were used.)
     """
+    dtype = queries.dtype
+    score_dtype = _scoring_dtype(queries, scoring_dtype)
+    fold_shift = score_dtype == dtype   # a rounded shift would change the rounded scores
     num_rows = tf.shape(queries)[0]
     multi_head = queries.shape.rank == 3
+    num_heads = tf.shape(queries)[1] if multi_head else 1
     if multi_head:
-        num_heads = tf.shape(queries)[1]
         dim = queries.shape[2] if queries.shape[2] is not None else tf.shape(queries)[2]
         queries = tf.reshape(queries, [num_rows * num_heads, dim])
-    scaled = tf.concat([queries * tf.cast(inv_temperature, queries.dtype),
-                        tf.ones_like(queries[:, :1])], axis=1)
-    slot_bias = tf.cast(slot_bias, queries.dtype)
-    # Contiguous chunks are slices; only a ragged last chunk needs padded (gathered) rows.
+    scaled = queries * tf.cast(inv_temperature, dtype)
+    slot_bias = tf.cast(slot_bias, dtype)
     even = plan.num_slots % plan.chunk_size == 0
 
-    def one_chunk(chunk_index):
-        start = chunk_index * plan.chunk_size
-        if even:
-            cached = tf.slice(embeddings, [start, 0], [plan.chunk_size, -1])
-            bias = tf.slice(slot_bias, [start], [plan.chunk_size])
-        else:
-            positions = start + tf.range(plan.chunk_size)
-            safe = tf.minimum(positions, plan.num_slots - 1)
-            cached = tf.gather(embeddings, safe)
-            bias = tf.where(positions < plan.num_slots, tf.gather(slot_bias, safe), NEG_INF)
-        cached = tf.concat([tf.cast(cached, queries.dtype), bias[:, None]], axis=1)
-        scores = tf.matmul(scaled, cached, transpose_b=True)
+    def scores(left, chunk_index, extra_column=False):
+        cached, bias = _chunk_rows(embeddings, slot_bias, plan, chunk_index, even)
+        columns = [tf.cast(cached, score_dtype), tf.cast(bias, score_dtype)[:, None]]
+        if extra_column:
+            columns.append(tf.ones_like(columns[1]))
+        tile = tf.matmul(left, tf.concat(columns, axis=1), transpose_b=True)
         if multi_head:
-            scores = tf.reduce_max(
-                tf.reshape(scores, [num_rows, num_heads, plan.chunk_size]), axis=1)
-        if excluded_slots is not None:
-            positions = start + tf.range(plan.chunk_size)
-            scores = tf.where(positions[None, :] != excluded_slots[:, None], scores, NEG_INF)
-        tiles = tf.reshape(scores, [num_rows, plan.blocks_per_chunk, plan.block_size])
-        return tf.reduce_logsumexp(tiles, axis=-1)
+            tile = tf.reduce_max(tf.reshape(tile, [num_rows, num_heads, plan.chunk_size]), 1)
+        return tf.cast(tile, dtype)   # [B, chunk]
 
-    masses = _map_chunks(one_chunk, plan.num_chunks,
-                         tf.TensorSpec([None, plan.blocks_per_chunk], queries.dtype), num_rows)
-    return masses[:, : plan.num_blocks]
+    left = tf.cast(tf.concat([scaled, tf.ones_like(scaled[:, :1])], axis=1), score_dtype)
+
+    def exact_chunk(chunk_index, exclude=True):
+        tile = scores(left, chunk_index)
+        if exclude and excluded_slots is not None:
+            positions = chunk_index * plan.chunk_size + tf.range(plan.chunk_size)
+            tile = tf.where(positions[None, :] != excluded_slots[:, None], tile, NEG_INF)
+        blocks = tf.reshape(tile, [num_rows, plan.blocks_per_chunk, plan.block_size])
+        return tf.reduce_logsumexp(blocks, axis=-1)
+
+    def exact():
+        return _map_chunks(exact_chunk, plan.num_chunks,
+                           tf.TensorSpec([None, plan.blocks_per_chunk], dtype), num_rows)
+
+    if plan.num_chunks == 1:
+        if _fallback is not None:
+            _fallback.append(tf.constant(True))
+        return exact()[:, : plan.num_blocks]
+
+    # The block holding each query's excluded slot, re-scored exactly with the slot masked:
+    # later tiles and the first one score every slot, and these values replace theirs.
+    if excluded_slots is not None:
+        fixed_block, fixed_mass = _excluded_blocks(
+            tf.reshape(queries, [num_rows, num_heads, -1]) if multi_head else queries,
+            embeddings, slot_bias, excluded_slots, inv_temperature, plan, scoring_dtype)
+    first = scores(left, 0)
+    first_masses = tf.reduce_logsumexp(
+        tf.reshape(first, [num_rows, plan.blocks_per_chunk, plan.block_size]), axis=-1)
+    if excluded_slots is not None:
+        first_masses = _replace(first_masses, fixed_block, fixed_mass)
+    best = tf.reduce_max(first_masses, axis=-1)              # [B], >= the best score
+    shift = tf.where(tf.math.is_finite(best), best + _SHIFT_MARGIN, 0.0)
+    row_shift = tf.repeat(shift, num_heads) if multi_head else shift
+    if fold_shift:
+        shifted_left = tf.concat([left, -row_shift[:, None]], axis=1)
+
+    def shifted_chunk(chunk_index):
+        if fold_shift:
+            tile = scores(shifted_left, chunk_index + 1, extra_column=True)
+        else:
+            tile = scores(left, chunk_index + 1) - shift[:, None]
+        sums = tf.reduce_sum(
+            tf.exp(tf.reshape(tile, [num_rows, plan.blocks_per_chunk, plan.block_size])), -1)
+        return tf.math.log(sums)
+
+    rest = _map_chunks(shifted_chunk, plan.num_chunks - 1,
+                       tf.TensorSpec([None, plan.blocks_per_chunk], dtype), num_rows)
+    masses = tf.concat([first_masses, rest + shift[:, None]], axis=1)[:, : plan.num_blocks]
+    if excluded_slots is not None:
+        masses = _replace(masses, fixed_block, fixed_mass)
+    # A first chunk with nothing eligible for some query gives no shift; a later score far
+    # above the first chunk's best overflows: both fall back to exact tiles.
+    trouble = tf.logical_or(
+        tf.reduce_any(tf.logical_not(tf.math.is_finite(best))),
+        tf.reduce_any(tf.logical_or(tf.math.is_nan(masses), masses > dtype.max)))
+    if _fallback is not None:
+        _fallback.append(trouble)
+    return tf.cond(trouble, lambda: exact()[:, : plan.num_blocks], lambda: masses)
+
+
+def _excluded_blocks(queries, embeddings, slot_bias, excluded_slots, inv_temperature, plan,
+                     scoring_dtype):
+    """`(block [B], log_mass [B])`: the block holding each query's excluded slot and its
+    log-mass with that slot masked (block -1 for queries with no excluded slot, `< 0`)."""
+    has = excluded_slots >= 0
+    block = tf.where(has, excluded_slots // plan.block_size, 0)
+    positions = block[:, None, None] * plan.block_size + tf.range(plan.block_size)  # [B,1,b]
+    block_scores = _masked_scores(queries, embeddings, positions, slot_bias, excluded_slots,
+                                  inv_temperature, plan.num_slots, scoring_dtype)
+    return tf.where(has, block, -1), tf.reduce_logsumexp(block_scores[:, 0, :], axis=-1)
+
+
+def _replace(masses, block, value):
+    """`masses [B, n]` with `masses[i, block[i]] = value[i]` where `0 <= block[i] < n`."""
+    inside = tf.logical_and(block >= 0, block < tf.shape(masses)[1])
+    safe = tf.where(inside, block, 0)
+    rows = tf.range(tf.shape(masses)[0])
+    current = tf.gather(masses, safe, batch_dims=1)
+    return tf.tensor_scatter_nd_update(masses, tf.stack([rows, safe], 1),
+                                       tf.where(inside, value, current))
+
+
+def _invert(weights, num_samples, seed):
+    """`[B, k]` int32 indices drawn with probability proportional to `weights [B, 1 or k, W]`
+    (one uniform per draw; `num_samples` draws per row when the middle axis is 1)."""
+    cumulative = tf.math.cumsum(weights, axis=-1)
+    shape = tf.shape(cumulative)[:2]
+    if num_samples is not None:
+        shape = tf.stack([shape[0], num_samples])
+    uniform = tf.random.stateless_uniform(shape, seed, dtype=weights.dtype)
+    total = cumulative[..., -1]
+    cumulative = tf.broadcast_to(cumulative, tf.concat([shape, tf.shape(cumulative)[2:]], 0))
+    index = tf.searchsorted(cumulative, (uniform * total)[..., None], side="right",
+                            out_type=tf.int32)[..., 0]
+    return tf.minimum(index, tf.shape(weights)[-1] - 1)
 
 
 def sample_cache(
@@ -257,6 +385,7 @@ def sample_cache(
     seed: Optional[tf.Tensor],
     excluded_slots: Optional[tf.Tensor] = None,
     plan: Optional[SamplerPlan] = None,
+    scoring_dtype=None,
 ) -> CacheDraw:
     """Log-mass of the cache per query and, if `seed` is given, exact Gumbel-Max draws.
 
@@ -275,6 +404,9 @@ def sample_cache(
       excluded_slots: optional `[B]` int32, a slot excluded for query i alone (its positive's
         slot, an accidental hit); negative means none.
       plan: block and chunk sizes; `plan_sampler` chooses them when None.
+      scoring_dtype: score in this dtype (e.g. `tf.bfloat16`): the distribution is then the
+        softmax of the scores of the rounded queries and embeddings, themselves rounded (see
+        `block_log_masses`); `log_mass` and the sums stay in the queries' dtype.
 
     Returns:
       A `CacheDraw`.
@@ -287,23 +419,38 @@ def sample_cache(
     if excluded_slots is not None:
         excluded_slots = tf.cast(excluded_slots, tf.int32)
     block_masses = block_log_masses(queries, embeddings, slot_bias, excluded_slots,
-                                    inv_temperature, plan)
+                                    inv_temperature, plan, scoring_dtype)
     log_mass = tf.reduce_logsumexp(block_masses, axis=-1)
     if seed is None:
         return CacheDraw(log_mass=log_mass)
 
     num_rows = tf.shape(queries)[0]
     block_seed, slot_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
-    # Stage 1: a block per draw, by Gumbel-Max over the block log-masses.
-    block_noise = gumbel_noise([num_rows, num_samples, plan.num_blocks], block_seed,
-                               queries.dtype)
-    perturbed_blocks = block_masses[:, None, :] + block_noise
-    blocks = tf.argmax(perturbed_blocks, axis=-1, output_type=tf.int32)
-    perturbed = tf.reduce_max(perturbed_blocks, axis=-1)
+    block_seed, race_seed = tf.unstack(tf.random.experimental.stateless_split(block_seed, 2))
+    # Stage 1: a block per draw from softmax(block log-masses), by inversion in two levels:
+    # a group of blocks by its mass, then a block inside it (`B N / b` exps and sums, and
+    # cumulative sums over `sqrt(N / b)` entries only). Zero-probability blocks are never
+    # drawn: a uniform below a cumulative total never stops on a step of 0.
+    has_mass = tf.math.is_finite(log_mass)
+    safe_mass = tf.where(has_mass, log_mass, 0.0)
+    probabilities = tf.exp(block_masses - safe_mass[:, None])
+    group_width = 2 ** max(0, math.ceil(math.log2(plan.num_blocks) / 2))
+    num_groups = -(-plan.num_blocks // group_width)
+    probabilities = tf.pad(probabilities,
+                           [[0, 0], [0, num_groups * group_width - plan.num_blocks]])
+    grouped = tf.reshape(probabilities, [num_rows, num_groups, group_width])
+    group_seed, member_seed = tf.unstack(tf.random.experimental.stateless_split(block_seed, 2))
+    groups = _invert(tf.reduce_sum(grouped, -1)[:, None, :], num_samples, group_seed)
+    members = _invert(tf.gather(grouped, groups, batch_dims=1), None, member_seed)
+    blocks = tf.minimum(groups * group_width + members, plan.num_blocks - 1)
+    # The winning perturbed score of a Gumbel-Max draw over all slots is Gumbel(log_mass),
+    # independent of which slot wins: drawn directly (shards compare it, `sharded.py`).
+    perturbed = log_mass[:, None] + gumbel_noise([num_rows, num_samples], race_seed,
+                                                 queries.dtype)
     # Stage 2: a slot inside the chosen block, by Gumbel-Max over its re-computed scores.
     positions = blocks[..., None] * plan.block_size + tf.range(plan.block_size)
     scores = _masked_scores(queries, embeddings, positions, slot_bias, excluded_slots,
-                            inv_temperature, plan.num_slots)
+                            inv_temperature, plan.num_slots, scoring_dtype)
     slot_noise = gumbel_noise([num_rows, num_samples, plan.block_size], slot_seed,
                               queries.dtype)
     within = tf.argmax(scores + slot_noise, axis=-1, output_type=tf.int32)
@@ -316,7 +463,8 @@ def sample_cache(
 
 
 def top_m_scores(queries, embeddings, slot_bias, excluded_slots, inv_temperature, m: int,
-                 chunk_size: Optional[int] = None, tile_elements: int = DEFAULT_TILE_ELEMENTS):
+                 chunk_size: Optional[int] = None, tile_elements: int = DEFAULT_TILE_ELEMENTS,
+                 scoring_dtype=None):
     """Each query's `m` highest masked cached scores, chunked: no `[B, N]` matrix.
 
     The cache is scored one `[B, chunk]` tile at a time; each tile keeps its own top
@@ -350,7 +498,7 @@ def top_m_scores(queries, embeddings, slot_bias, excluded_slots, inv_temperature
     def one_chunk(chunk_index):
         positions = chunk_index * chunk_size + tf.range(chunk_size)
         scores = _masked_scores(queries, embeddings, positions, slot_bias, excluded_slots,
-                                inv_temperature, num_slots)
+                                inv_temperature, num_slots, scoring_dtype)
         top = tf.math.top_k(scores, k=per_chunk, sorted=False)
         return top.values, tf.gather(positions, top.indices)
 
@@ -372,6 +520,7 @@ def sample_cache_top_m(
     m: int,
     excluded_slots: Optional[tf.Tensor] = None,
     chunk_size: Optional[int] = None,
+    scoring_dtype=None,
 ) -> CacheDraw:
     """`sample_cache` restricted to each query's top `m` cached scores (the reference code's
     option).
@@ -386,7 +535,7 @@ def sample_cache_top_m(
       A `CacheDraw` (`slots` `[B, k]` cache slots; None without `seed`).
     """
     scores, top_slots = top_m_scores(queries, embeddings, slot_bias, excluded_slots,
-                                     inv_temperature, m, chunk_size)
+                                     inv_temperature, m, chunk_size, scoring_dtype=scoring_dtype)
     log_mass = tf.reduce_logsumexp(scores, axis=-1)
     if seed is None:
         return CacheDraw(log_mass=log_mass)

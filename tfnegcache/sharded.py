@@ -47,7 +47,8 @@ class ShardedNegativeCache(tf.keras.layers.Layer):
     def __init__(self, size: int, feature_spec, embedding_dim: int,
                  id_dtype: tf.DType = tf.int64, embedding_dtype: tf.DType = tf.float32,
                  seed: int = 0, block_size: Optional[int] = None,
-                 name: str = "negative_cache", **kwargs) -> None:
+                 name: str = "negative_cache", scoring_dtype: Optional[tf.DType] = None,
+                 **kwargs) -> None:
         """Creates one empty shard of `size` slots per local replica (arguments as in
         `NegativeCache`; `size` is per replica)."""
         kwargs.pop("trainable", None)   # a cache is never trainable (get_config has it)
@@ -56,7 +57,8 @@ class ShardedNegativeCache(tf.keras.layers.Layer):
         for r, device in enumerate(distribute.shard_devices()):
             with distribute.local_variables(device):
                 shard = NegativeCache(size, feature_spec, embedding_dim, id_dtype,
-                                      embedding_dtype, seed, block_size, name=f"{name}_shard_{r}")
+                                      embedding_dtype, seed, block_size, name=f"{name}_shard_{r}",
+                                      scoring_dtype=scoring_dtype)
             shard._per_replica = True  # pylint: disable=protected-access
             self.shards.append(shard)
         first = self.shards[0]
@@ -64,6 +66,7 @@ class ShardedNegativeCache(tf.keras.layers.Layer):
         self.feature_spec, self.id_dtype = first.feature_spec, first.id_dtype
         self.embedding_dtype, self.seed, self.block_size = (
             first.embedding_dtype, first.seed, first.block_size)
+        self.scoring_dtype = first.scoring_dtype
 
     def check_features(self, features, num_rows=None, what: str = "candidate_features"):
         return self.shards[0].check_features(features, num_rows, what)
