@@ -101,6 +101,26 @@ class TokenBagTower(tf.keras.Model):
         return tf.math.l2_normalize(out, axis=-1) if self.normalize else out
 
 
+REFERENCE_VOCAB = 50_000
+
+
+class ReferenceBagTower(tf.keras.Model):
+    """The reference code's tower: a token bag over a `vocab`-row table (no hashing beyond
+    `token % vocab`), mean, `Dense(hidden, relu)`, `Dense(dim)`. Its table gets a dense Adam
+    update each step, as in the reference."""
+
+    def __init__(self, dim=64, vocab=REFERENCE_VOCAB, hidden=HIDDEN_UNITS, name=None):
+        super().__init__(name=name)
+        self.vocab = vocab
+        self.table = tf.keras.layers.Embedding(vocab, dim)
+        self.hidden = tf.keras.layers.Dense(hidden, activation="relu")
+        self.out = tf.keras.layers.Dense(dim)
+
+    def call(self, tokens):
+        tokens = tf.math.floormod(tf.cast(tokens, tf.int32), self.vocab)
+        return self.out(self.hidden(tf.reduce_mean(self.table(tokens), axis=1)))
+
+
 class TwoTower(tfnegcache.CachedRetrievalModel):
     """Query tower over query tokens, candidate tower over the candidate's tokens.
 
@@ -109,18 +129,28 @@ class TwoTower(tfnegcache.CachedRetrievalModel):
     `all_candidate_tokens`: `[N, T]`, the whole corpus (ids are row numbers): the exact full
     softmax, every candidate through the candidate tower each step (no cache, no sampling).
     `buckets`, `hidden`: both towers' hash table rows and MLP width (capacity).
+    `tower`: "hashed" (`TokenBagTower`) or "reference" (`ReferenceBagTower`, the reference
+    code's towers: a 50k-token table, mean, Dense(128, relu), Dense(dim)).
+    `scoring_dtype`: the cache's (`NegativeCache(scoring_dtype=...)`); None leaves it out.
     """
 
     def __init__(self, tokens_per_candidate, cache_size=None, dim=64, logq=False, seed=0,
                  temperature=None, embedding_dtype=tf.float32, use_in_batch_negatives=True,
                  normalize=False, num_negatives=1, refresh_per_step=0, all_candidate_tokens=None,
-                 buckets=HASH_BUCKETS, hidden=HIDDEN_UNITS):
+                 buckets=HASH_BUCKETS, hidden=HIDDEN_UNITS, tower="hashed",
+                 scoring_dtype=None):
         super().__init__()
         tf.keras.utils.set_random_seed(seed)
-        self.query_tower = TokenBagTower(dim, buckets, hidden, normalize=normalize,
-                                         name="query_tower")
-        self.candidate_tower = TokenBagTower(dim, buckets, hidden, normalize=normalize,
-                                             name="candidate_tower")
+        if tower == "reference":
+            self.query_tower = ReferenceBagTower(dim, hidden=hidden, name="query_tower")
+            self.candidate_tower = ReferenceBagTower(dim, hidden=hidden, name="candidate_tower")
+        elif tower == "hashed":
+            self.query_tower = TokenBagTower(dim, buckets, hidden, normalize=normalize,
+                                             name="query_tower")
+            self.candidate_tower = TokenBagTower(dim, buckets, hidden, normalize=normalize,
+                                                 name="candidate_tower")
+        else:
+            raise ValueError(f"tower must be 'hashed' or 'reference', got {tower!r}")
         self.logq = logq
         self.temperature = temperature
         self.all_candidate_tokens = None
@@ -129,8 +159,9 @@ class TwoTower(tfnegcache.CachedRetrievalModel):
         cache = None
         if cache_size:
             spec = {"candidate_tokens": tf.TensorSpec([tokens_per_candidate], tf.int32)}
+            extra = {} if scoring_dtype is None else {"scoring_dtype": scoring_dtype}
             cache = tfnegcache.NegativeCache(cache_size, spec, dim, seed=seed,
-                                             embedding_dtype=embedding_dtype)
+                                             embedding_dtype=embedding_dtype, **extra)
         self.task = tfnegcache.CacheRetrieval(
             cache=cache, temperature=temperature,
             candidate_model=lambda f: self.candidate_tower(f["candidate_tokens"]),

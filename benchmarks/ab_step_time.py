@@ -1,6 +1,7 @@
 """A/B of the training step time: this checkout's library against an earlier commit's, in one run.
 
     python -m benchmarks.ab_step_time --base HEAD~1 --log2n 16
+    python -m benchmarks.ab_step_time --base HEAD~1 --log2n 20 --towers reference
     python -m benchmarks.ab_step_time --quick          # N = 2^10, 1 round: a smoke run
 
 The base commit is checked out (`git worktree add --detach`) into a temporary directory. Both
@@ -25,9 +26,9 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _child(side, mode, log2n, repeats):
+def _child(side, mode, log2n, repeats, towers="hashed"):
     command = [sys.executable, "-m", "benchmarks.step_time", "--child", mode, str(log2n),
-               "--repeats", str(repeats)]
+               "--repeats", str(repeats), "--towers", towers]
     # cwd first on sys.path: the side's tfnegcache, and this checkout's benchmarks.
     proc = subprocess.run(command, cwd=side, capture_output=True, text=True, check=False,
                           env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=side))
@@ -56,6 +57,8 @@ def main(argv=None):
     parser.add_argument("--base", default="HEAD~1", help="git revision to compare against")
     parser.add_argument("--log2n", type=int, default=16, help="cache size 2^log2n")
     parser.add_argument("--mode", default="cache", help="a benchmarks.step_time mode")
+    parser.add_argument("--towers", default="hashed", choices=("hashed", "reference"),
+                        help="benchmarks.step_time's tower configuration")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=20, help="timed steps per child")
     parser.add_argument("--quick", action="store_true")
@@ -78,7 +81,8 @@ def main(argv=None):
             for round_ in range(args.rounds):
                 order = ("base", "head") if round_ % 2 == 0 else ("head", "base")
                 for name in order:
-                    wall_ms, cpu_ms = _child(sides[name], args.mode, args.log2n, args.repeats)
+                    wall_ms, cpu_ms = _child(sides[name], args.mode, args.log2n, args.repeats,
+                                             args.towers)
                     wall[name].append(wall_ms)
                     cpu[name].append(cpu_ms)
                 print(f"round {round_}: base {wall['base'][-1]:.1f} ms ({cpu['base'][-1]:.1f} "
@@ -94,14 +98,16 @@ def main(argv=None):
     }
     ratios = {name: values["head"] / values["base"] for name, values in stats.items()}
     result = {
-        "mode": args.mode, "N": 2**args.log2n, "base": base_sha, "head": head_sha,
+        "mode": args.mode, "towers": args.towers, "N": 2**args.log2n, "base": base_sha,
+        "head": head_sha,
         "head_has_uncommitted_changes": dirty, "rounds": args.rounds, "repeats": args.repeats,
         "step_ms": wall, "step_cpu_ms": cpu, **stats, "head_over_base": ratios,
         "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
         "when": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     head = head_sha[:8] + ("+changes" if dirty else "")
-    print(f"{args.mode} step at N=2^{args.log2n}, base {base_sha[:8]} -> head {head}:")
+    print(f"{args.mode} step ({args.towers} towers) at N=2^{args.log2n}, "
+          f"base {base_sha[:8]} -> head {head}:")
     for name, values in stats.items():
         print(f"  {name}: {values['base']:.1f} -> {values['head']:.1f} "
               f"(head/base {ratios[name]:.3f})")
