@@ -258,3 +258,20 @@ def test_reduced_precision_scoring_draws_follow_the_softmax_of_the_rounded_score
         assert chi_square_p(draw.slots.numpy()[row], softmax(rounded[row])) > 1e-3
     # The rounding is visible: the scores differ from the float32 ones.
     assert np.max(np.abs(rounded - exact)[np.isfinite(exact)]) > 1e-3
+
+
+def test_a_masked_slot_far_above_the_rest_is_rescored_without_falling_back():
+    # An in-batch candidate's cached copy (masked for everyone) scoring 300 nats above the
+    # rest overflows its tile; its block is re-scored with the bias, so no fallback is needed.
+    queries, embeddings, bias, excluded, _ = _several_chunks(1.0)
+    embeddings[600] = 300.0 * queries[1]
+    bias[600] = -np.inf
+    plan = sampling.plan_sampler(1024, 8, 4, block_size=16, tile_elements=4 * 256)
+    fallback = []
+    masses = _masses(queries, embeddings, bias, excluded, 1.0, plan, fallback)
+    assert not bool(fallback[0])
+    reference = _reference_logits(queries, embeddings, bias, excluded, 1.0)
+    expected = scipy.special.logsumexp(reference.reshape(4, plan.num_blocks, 16), axis=2)
+    np.testing.assert_array_equal(np.isfinite(masses.numpy()), np.isfinite(expected))
+    finite = np.isfinite(expected)
+    np.testing.assert_allclose(masses.numpy()[finite], expected[finite], rtol=2e-6, atol=2e-5)

@@ -312,21 +312,43 @@ def block_log_masses(queries, embeddings, slot_bias, excluded_slots, inv_tempera
     best = tf.reduce_max(first_masses, axis=-1)              # [B], >= the best score
     shift = tf.where(tf.math.is_finite(best), best + _SHIFT_MARGIN, 0.0)
     row_shift = tf.repeat(shift, num_heads) if multi_head else shift
-    if fold_shift:
-        shifted_left = tf.concat([left, -row_shift[:, None]], axis=1)
+    # Later tiles are transposed, `[chunk, B]`: the cached rows times the queries, the shift
+    # added per query by a bias add (fused into the matmul where oneDNN can), then exp and the
+    # sums over each block's contiguous rows. With few slot-bias holes against N (masked
+    # in-batch candidates, the empty tail), the tiles skip the bias and the blocks holding a
+    # hole are re-scored exactly afterwards; otherwise the bias rides as a column.
+    clean = plan.num_slots >= 8 * ((queries.shape[0] or 512) + 2) * plan.block_size
+    plain = tf.cast(scaled, score_dtype)
 
     def shifted_chunk(chunk_index):
-        if fold_shift:
-            tile = scores(shifted_left, chunk_index + 1, extra_column=True)
+        cached, bias = _chunk_rows(embeddings, slot_bias, plan, chunk_index + 1, even)
+        cached = tf.cast(cached, score_dtype)
+        if clean:
+            tile = tf.matmul(cached, plain, transpose_b=True)
         else:
-            tile = scores(left, chunk_index + 1) - shift[:, None]
+            tile = tf.matmul(tf.concat([cached, tf.cast(bias, score_dtype)[:, None]], 1), left,
+                             transpose_b=True)
+        tile = tf.cast(tile, dtype)
+        if multi_head:
+            tile = tf.reduce_max(tf.reshape(tile, [plan.chunk_size, num_rows, num_heads]), -1)
+        tile = tf.nn.bias_add(tile, -shift)
         sums = tf.reduce_sum(
-            tf.exp(tf.reshape(tile, [num_rows, plan.blocks_per_chunk, plan.block_size])), -1)
-        return tf.math.log(sums)
+            tf.exp(tf.reshape(tile, [plan.blocks_per_chunk, plan.block_size, num_rows])), 1)
+        return tf.math.log(sums)   # [blocks_per_chunk, B]
 
-    rest = _map_chunks(shifted_chunk, plan.num_chunks - 1,
-                       tf.TensorSpec([None, plan.blocks_per_chunk], dtype), num_rows)
-    masses = tf.concat([first_masses, rest + shift[:, None]], axis=1)[:, : plan.num_blocks]
+    if plan.num_chunks == 2:
+        rest = shifted_chunk(0)
+    else:
+        rest = tf.map_fn(shifted_chunk, tf.range(plan.num_chunks - 1), parallel_iterations=1,
+                         fn_output_signature=tf.TensorSpec([plan.blocks_per_chunk, None], dtype))
+        rest = tf.reshape(rest, [-1, num_rows])
+    masses = tf.concat([tf.transpose(first_masses), rest + shift[None, :]], axis=0)
+    masses = masses[: plan.num_blocks]   # [num_blocks, B]
+    if clean:
+        masses = _rescore_bias_holes(masses, queries if not multi_head else tf.reshape(
+            queries, [num_rows, num_heads, -1]), embeddings, slot_bias, inv_temperature, plan,
+            scoring_dtype)
+    masses = tf.transpose(masses)
     if excluded_slots is not None:
         masses = _replace(masses, fixed_block, fixed_mass)
     # A first chunk with nothing eligible for some query gives no shift; a later score far
@@ -349,6 +371,42 @@ def _excluded_blocks(queries, embeddings, slot_bias, excluded_slots, inv_tempera
     block_scores = _masked_scores(queries, embeddings, positions, slot_bias, excluded_slots,
                                   inv_temperature, plan.num_slots, scoring_dtype)
     return tf.where(has, block, -1), tf.reduce_logsumexp(block_scores[:, 0, :], axis=-1)
+
+
+def _rescore_bias_holes(masses, queries, embeddings, slot_bias, inv_temperature, plan,
+                        scoring_dtype):
+    """`masses [num_blocks, B]` with the blocks that hold an ineligible slot fixed: `-inf` where
+    nothing in the block is eligible, re-scored exactly with the bias where some slots are."""
+    padding = plan.num_blocks * plan.block_size - plan.num_slots
+    bias = tf.reshape(tf.pad(slot_bias, [[0, padding]], constant_values=NEG_INF),
+                      [plan.num_blocks, plan.block_size])
+    dead = tf.reduce_all(tf.math.is_inf(bias) & (bias < 0), axis=-1)
+    holes = tf.logical_and(tf.reduce_any(tf.not_equal(bias, 0.0), axis=-1),
+                           tf.logical_not(dead))
+    blocks = tf.cast(tf.where(holes)[:, 0], tf.int32)
+    masses = tf.where(dead[:, None], tf.cast(NEG_INF, masses.dtype), masses)
+    # A tile's worth of blocks at a time, so this never holds more than a tile.
+    per = plan.blocks_per_chunk
+    num = tf.shape(blocks)[0]
+    steps = tf.maximum((num + per - 1) // per, 1)
+    padded = tf.pad(blocks, [[0, steps * per - num]])
+
+    def one(i):
+        positions = tf.reshape(
+            padded[i * per:(i + 1) * per, None] * plan.block_size + tf.range(plan.block_size),
+            [-1])
+        scores = _masked_scores(queries, embeddings, positions, slot_bias, None,
+                                inv_temperature, plan.num_slots, scoring_dtype)
+        return tf.transpose(tf.reduce_logsumexp(
+            tf.reshape(scores, [tf.shape(scores)[0], per, plan.block_size]), axis=-1))
+
+    def rescore():
+        fixed = tf.map_fn(one, tf.range(steps), parallel_iterations=1,
+                          fn_output_signature=tf.TensorSpec([per, None], masses.dtype))
+        fixed = tf.reshape(fixed, [steps * per, -1])[:num]
+        return tf.tensor_scatter_nd_update(masses, blocks[:, None], fixed)
+
+    return tf.cond(num > 0, rescore, lambda: masses)
 
 
 def _replace(masses, block, value):
