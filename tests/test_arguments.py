@@ -120,3 +120,16 @@ def test_a_candidate_model_that_returns_the_wrong_thing_is_named(encoder, messag
     with pytest.raises((ValueError, tf.errors.InvalidArgumentError), match=message):
         model.fit(toy.dataset({k: v[:128] for k, v in data.items()}, 64), epochs=1, verbose=0)
     assert_unchanged(before, model)
+
+
+def test_scoring_dtype_is_checked_and_kept_in_the_config():
+    spec = {"x": tf.TensorSpec([], tf.int64)}
+    with pytest.raises(ValueError, match=r"`scoring_dtype` must be None .*Received: "
+                                         r"scoring_dtype=tf\.int32"):
+        tfnegcache.NegativeCache(8, spec, 4, scoring_dtype=tf.int32)
+    cache = tfnegcache.NegativeCache(8, spec, 4, scoring_dtype="bfloat16")
+    assert cache.scoring_dtype == tf.bfloat16
+    config = cache.get_config()
+    assert config["scoring_dtype"] == "bfloat16"
+    assert tfnegcache.NegativeCache.from_config(config).scoring_dtype == tf.bfloat16
+    assert tfnegcache.NegativeCache(8, spec, 4).get_config()["scoring_dtype"] is None

@@ -1,4 +1,4 @@
-"""Reduced-precision cache storage (float16, bfloat16) trains as well as float32."""
+"""Reduced-precision cache storage and scoring (float16, bfloat16) train as well as float32."""
 
 import numpy as np
 import pytest
@@ -22,8 +22,9 @@ def data():
     return toy.interactions(12000, seed=1), toy.interactions(4000, seed=2)
 
 
-def train(data, embedding_dtype, seed=0):
-    model = toy.ToyModel(cache_size=512, seed=seed, embedding_dtype=embedding_dtype)
+def train(data, embedding_dtype, seed=0, scoring_dtype=None):
+    model = toy.ToyModel(cache_size=512, seed=seed, embedding_dtype=embedding_dtype,
+                         scoring_dtype=scoring_dtype)
     model.compile(tf.keras.optimizers.Adam(0.05))
     model.fit(toy.dataset(data[0], 128), epochs=2, verbose=0)
     return model
@@ -51,3 +52,13 @@ def test_half_precision_cache_matches_float32_recall(data, float32_recall, dtype
 
 def test_float32_is_the_default_storage(data):
     assert toy.ToyModel(cache_size=512).task.cache.embeddings.dtype == tf.float32
+
+
+def test_bfloat16_scoring_matches_float32_recall(data, float32_recall):
+    # The sampler scores rounded queries and embeddings (relative error 2^-8 per score, as
+    # bfloat16 storage gives); the loss stays float32. Same tolerance as storage.
+    model = train(data, tf.float32, scoring_dtype=tf.bfloat16)
+    assert model.task.cache.scoring_dtype == tf.bfloat16
+    assert model.task.cache.embeddings.dtype == tf.float32
+    recall = toy.recall_at(model, data[1])
+    assert abs(recall - float32_recall) <= TOLERANCE, (recall, float32_recall)

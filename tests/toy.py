@@ -64,11 +64,12 @@ class CandidateTower(tf.keras.Model):
 class ToyModel(tfnegcache.CachedRetrievalModel):
     """The two-tower model of the tests; `cache_size=None` trains with in-batch negatives only.
 
-    `embedding_dtype` is the cache's storage dtype of embeddings (`NegativeCache`).
+    `embedding_dtype` is the cache's storage dtype of embeddings, `scoring_dtype` the dtype
+    its sampler scores in (`NegativeCache`).
     """
 
     def __init__(self, cache_size=None, dim=16, seed=0, num_negatives=1,
-                 embedding_dtype=tf.float32, **task_kwargs):
+                 embedding_dtype=tf.float32, scoring_dtype=None, **task_kwargs):
         super().__init__()
         tf.keras.utils.set_random_seed(seed)
         self.query_tower = tf.keras.layers.Embedding(NUM_USERS, dim)
@@ -76,7 +77,8 @@ class ToyModel(tfnegcache.CachedRetrievalModel):
         cache = None
         if cache_size:
             cache = tfnegcache.NegativeCache(cache_size, FEATURE_SPEC, dim, seed=seed,
-                                             embedding_dtype=embedding_dtype)
+                                             embedding_dtype=embedding_dtype,
+                                             scoring_dtype=scoring_dtype)
         self.task = tfnegcache.CacheRetrieval(
             cache=cache, candidate_model=self.candidate_tower, num_negatives=num_negatives,
             **task_kwargs)
