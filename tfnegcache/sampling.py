@@ -217,8 +217,12 @@ def _chunk_rows(embeddings, slot_bias, plan, chunk_index, even):
     """The `[chunk, d]` embeddings and `[chunk]` bias of one chunk (`-inf` past `num_slots`)."""
     start = chunk_index * plan.chunk_size
     if even:
-        return (tf.slice(embeddings, [start, 0], [plan.chunk_size, -1]),
-                tf.slice(slot_bias, [start], [plan.chunk_size]))
+        bias = tf.slice(slot_bias, [start], [plan.chunk_size])
+        if isinstance(embeddings, tf.Variable):
+            # A gather of the chunk's rows, not a slice of a dense read: once a variable has
+            # had sparse writes, TensorFlow copies all of it on every dense read.
+            return tf.gather(embeddings, start + tf.range(plan.chunk_size)), bias
+        return tf.slice(embeddings, [start, 0], [plan.chunk_size, -1]), bias
     positions = start + tf.range(plan.chunk_size)
     safe = tf.minimum(positions, plan.num_slots - 1)
     bias = tf.where(positions < plan.num_slots, tf.gather(slot_bias, safe), NEG_INF)
@@ -470,7 +474,8 @@ def sample_cache(
       A `CacheDraw`.
     """
     queries = tf.stop_gradient(queries)
-    embeddings = tf.convert_to_tensor(embeddings)
+    if not isinstance(embeddings, tf.Variable):   # a variable is read a chunk at a time
+        embeddings = tf.convert_to_tensor(embeddings)
     if plan is None:
         plan = plan_sampler(embeddings.shape[0], embeddings.shape[1], queries.shape[0],
                             num_heads=query_heads(queries))
@@ -541,7 +546,8 @@ def top_m_scores(queries, embeddings, slot_bias, excluded_slots, inv_temperature
       eligible the rest score `-inf` (their slots are arbitrary).
     """
     queries = tf.stop_gradient(queries)
-    embeddings = tf.convert_to_tensor(embeddings)
+    if not isinstance(embeddings, tf.Variable):   # a variable is only ever gathered from
+        embeddings = tf.convert_to_tensor(embeddings)
     num_slots = int(embeddings.shape[0])
     m = int(min(max(1, m), num_slots))
     if chunk_size is None:
