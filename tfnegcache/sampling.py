@@ -200,12 +200,12 @@ def _map_chunks(one_chunk, num_chunks: int, output_spec, num_rows):
 
 
 # The shifted tiles (see `block_log_masses`) subtract a per-query shift `c_i = m_i + margin`,
-# `m_i` the query's best score in the first chunk. A score is lost to underflow only below
-# `c_i - 87` (float32 `exp` flushes below e^-87.3), i.e. more than `87 - margin` below `m_i` and
-# so below every query's best score: with N <= 2^30 slots the lost mass is under
-# `2^30 e^-67 < 1e-20` of the total, far below float32 resolution. A later score overflows only
-# if it beats `m_i` by more than `88 + margin`; then the step falls back to exact max-shifted
-# tiles.
+# `m_i` the query's best block log-mass in the first chunk (at least its best score there, at
+# most `log b` above it). A score is lost to underflow only below `c_i - 87` (float32 `exp`
+# flushes below e^-87.3), i.e. more than `67 - log b >= 60` below the query's best score: with
+# N <= 2^30 slots the lost mass is under `2^30 e^-60 < 1e-17` of the total, far below float32
+# resolution. A later score overflows only if it beats `m_i` by more than `88 + margin`; then
+# the step falls back to exact max-shifted tiles.
 _SHIFT_MARGIN = 20.0
 
 
@@ -231,25 +231,30 @@ def _chunk_rows(embeddings, slot_bias, plan, chunk_index, even):
 
 def block_log_masses(queries, embeddings, slot_bias, excluded_slots, inv_temperature,
                      plan: SamplerPlan, scoring_dtype=None, _fallback=None) -> tf.Tensor:
-    """Per-block `logsumexp` of masked scores, scoring one `[B, chunk]` tile at a time.
+    """Per-block `logsumexp` of masked scores, scoring one tile of the cache at a time.
 
     The tile loop is the sampler's hot path (it touches all `B * N` scores), so a tile costs one
     matmul, one `exp` and one sum, and nothing else:
 
-    - the temperature is folded into the queries, and the slot bias (`-inf` for empty, masked
-      and padding slots) rides in the matmul as an extra column,
-      `[q, 1] . [e, bias] = q . e + bias`, instead of a `[B, chunk]` add and mask;
-    - the first chunk is reduced exactly (max-shifted `logsumexp`, with each query's excluded
-      slot masked); its best score `m_i` gives every later tile a per-query shift
-      `c_i = m_i + margin` that also rides in the matmul, `[q, 1, -c] . [e, bias, 1]`, so later
-      tiles need no max pass (see `_SHIFT_MARGIN` for why this is exact in float32);
-    - a query's excluded slot (its positive) is not masked in later tiles: the one block that
+    - the temperature is folded into the queries;
+    - the first chunk is reduced exactly (a max-shifted `logsumexp` of `[B, chunk]` scores,
+      the slot bias riding in the matmul as a column, `[q, 1] . [e, bias] = q . e + bias`);
+      its best block mass `m_i` gives each query a shift `c_i = m_i + margin` (see
+      `_SHIFT_MARGIN` for why this is exact in float32);
+    - later tiles are transposed, `[chunk, B]`: the chunk's cached rows times the queries, the
+      shift added per query by a bias add, then `exp` and the sums over each block's
+      contiguous rows;
+    - a query's excluded slot (its positive) is not masked in the tiles: the one block that
       holds it is re-scored exactly afterwards (`[B, b]` work, not `[B, N]`);
-    - if any later tile overflows the shift, every block is recomputed by exact tiles.
+    - slots ineligible for every query (masked in-batch candidates, the empty tail, padding)
+      are skipped the same way when they are few against N (the blocks holding one are
+      re-scored with the bias); otherwise the bias rides in the later tiles as a column;
+    - if any later tile overflows the shift, or the first chunk has nothing eligible for some
+      query, every block is recomputed by exact max-shifted tiles.
 
     `[B, H, d]` queries are scored as `B * H` rows by the same matmul, and each tile is reduced
-    to its max over heads (`[B, H, chunk] -> [B, chunk]`) first: the bias and shift columns add
-    the same value to every head of a query, so they commute with the max.
+    to its max over heads first: the bias and the shift are the same for every head of a
+    query, so they commute with the max.
 
     `scoring_dtype` (e.g. `tf.bfloat16`): the matmul's dtype (queries and cached embeddings
     are rounded to it, and so are the scores it returns); the shift, `exp` and sums stay in
@@ -257,12 +262,12 @@ def block_log_masses(queries, embeddings, slot_bias, excluded_slots, inv_tempera
 
     Returns:
       `[B, num_blocks]` block log-masses in the queries' dtype (`-inf` for blocks with nothing
-      eligible). (Tests pass a list as `_fallback`; it receives the bool tensor that says
-      whether the exact tiles were used.)
+      eligible, and possibly for blocks more than 60 below the query's best, whose share of
+      the mass is under e^-60). (Tests pass a list as `_fallback`; it receives the bool
+      tensor that says whether the exact tiles were used.)
     """
     dtype = queries.dtype
     score_dtype = _scoring_dtype(queries, scoring_dtype)
-    fold_shift = score_dtype == dtype   # a rounded shift would change the rounded scores
     num_rows = tf.shape(queries)[0]
     multi_head = queries.shape.rank == 3
     num_heads = tf.shape(queries)[1] if multi_head else 1
@@ -273,11 +278,9 @@ def block_log_masses(queries, embeddings, slot_bias, excluded_slots, inv_tempera
     slot_bias = tf.cast(slot_bias, dtype)
     even = plan.num_slots % plan.chunk_size == 0
 
-    def scores(left, chunk_index, extra_column=False):
+    def scores(left, chunk_index):
         cached, bias = _chunk_rows(embeddings, slot_bias, plan, chunk_index, even)
         columns = [tf.cast(cached, score_dtype), tf.cast(bias, score_dtype)[:, None]]
-        if extra_column:
-            columns.append(tf.ones_like(columns[1]))
         tile = tf.matmul(left, tf.concat(columns, axis=1), transpose_b=True)
         if multi_head:
             tile = tf.reduce_max(tf.reshape(tile, [num_rows, num_heads, plan.chunk_size]), 1)
@@ -315,12 +318,8 @@ def block_log_masses(queries, embeddings, slot_bias, excluded_slots, inv_tempera
         first_masses = _replace(first_masses, fixed_block, fixed_mass)
     best = tf.reduce_max(first_masses, axis=-1)              # [B], >= the best score
     shift = tf.where(tf.math.is_finite(best), best + _SHIFT_MARGIN, 0.0)
-    row_shift = tf.repeat(shift, num_heads) if multi_head else shift
-    # Later tiles are transposed, `[chunk, B]`: the cached rows times the queries, the shift
-    # added per query by a bias add (fused into the matmul where oneDNN can), then exp and the
-    # sums over each block's contiguous rows. With few slot-bias holes against N (masked
-    # in-batch candidates, the empty tail), the tiles skip the bias and the blocks holding a
-    # hole are re-scored exactly afterwards; otherwise the bias rides as a column.
+    # Later tiles: the shift by a bias add (oneDNN fuses it into the matmul). With few
+    # slot-bias holes against N, the tiles skip the bias (`_rescore_bias_holes` after).
     clean = plan.num_slots >= 8 * ((queries.shape[0] or 512) + 2) * plan.block_size
     plain = tf.cast(scaled, score_dtype)
 
