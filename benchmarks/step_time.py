@@ -301,8 +301,8 @@ def _row(towers, log2n, args, peak, full_times):
                     estimate_gib > args.full_max_gib:
                 row["full_skipped"] = f"est {estimate_s or 0:.0f} s, {estimate_gib:.1f} GiB"
                 continue
-        if towers == "reference" and mode in ("matmul", "floor", "floor_tiled"):
-            # Tower-independent: measured once, with the hashed towers' rows when both run.
+        if towers != args.towers[0] and mode in ("matmul", "floor", "floor_tiled"):
+            # Tower-independent: measured once per N, with the first towers' rows.
             continue
         result = _run_child(mode, log2n, args, towers)
         print(f"  {towers} {mode:11s} N=2^{log2n}: {result}", flush=True)

@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -31,6 +32,17 @@ def test_quick_benchmark_writes_json_and_plot(name, tmp_path):
     assert result["machine"]["cpus"] >= 1
     assert "targets" in result
     assert "wrote" in proc.stdout
+    if name == "step_time":
+        # The reference towers' row carries the step, its floor and every part of it.
+        row, = result["rows"]
+        assert row["towers"] == "reference"
+        for key in ("cache_ms", "inbatch_ms", "matmul_ms", "parts_step_ms", "scoring_ms",
+                    "sampling_ms", "reencode_ms", "cache_update_ms", "checks_ms",
+                    "towers_fwd_bwd_ms", "optimizer_apply_ms", "cache/(inbatch+matmul)"):
+            assert np.isfinite(row[key]), key
+        assert row["cache_ms"] > 0 and row["scoring_ms"] > 0
+        assert result["peak"]["matmul_2048_float32_gflops"] > 0
+        assert result["peak"]["matmul_2048_bfloat16_gflops"] > 0
 
 
 def test_quick_quality_per_step_trains_every_method_the_same_steps(tmp_path):
