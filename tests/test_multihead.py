@@ -121,8 +121,10 @@ def _filled_task(**kwargs):
 @pytest.mark.parametrize("training", [False, True])
 def test_loss_is_cross_entropy_over_positive_in_batch_and_cache_with_maxsim(
         use_in_batch, temperature, training):
+    # In training the value pins the uncorrected estimator's (see tests/test_retrieval.py).
     task, tower, cache = _filled_task(temperature=temperature, num_negatives=3,
-                                      use_in_batch_negatives=use_in_batch)
+                                      use_in_batch_negatives=use_in_batch,
+                                      **({"estimator": "stale"} if training else {}))
     queries, candidates, ids = multi_head_batch(tower, [2, 5, 12])
     loss = task(queries, candidates, candidate_ids=ids, candidate_features={"item_id": ids},
                 training=training)

@@ -40,16 +40,20 @@ class CacheRetrieval(tfrs.tasks.Retrieval):
     from that softmax by Gumbel-Max and re-encoded by `candidate_model` with gradients, so the
     loss
 
-        loss_i = -s_i+ + logsumexp([s_i+, in-batch scores_i..., sg(M_i)])
-                 + P_i * mean_k (s_{i,j_k} - sg(s_{i,j_k}))
+        loss_i = -s_i+ + logsumexp([s_i+, in-batch scores_i..., cache logit_i])
+        cache logit_i = sg(M_i) + log mean_k exp(s_{i,j_k} - sg(s~_{i,j_k}))
 
-    (`M_i` the log-mass of the cache, `P_i` the softmax weight of the cache) has the *value*
-    of the cross entropy over [positive, in-batch negatives, whole cache] and a *gradient*
-    whose expectation over the draw is that cross entropy's gradient with the cached
-    probabilities. The correction term is folded into the cache's logit
-    (`sg(M_i) + mean_k(s - sg(s))`): its value is `M_i` and the softmax's derivative with
-    respect to that logit is `P_i`, so any `loss` (reduction, `sample_weight`) gives the
-    estimator above without special cases.
+    (`M_i` the log-mass of the cache over the stale scores `s~`, `s` the drawn negatives'
+    fresh scores). `exp(cache logit_i)` is an unbiased estimate of the cache's mass under the
+    *current* candidate tower (the draw is an importance sample from the stale softmax), so
+    the cache's softmax weight, and with it the gradient, follows the fresh scores even when
+    the cached embeddings are stale; with fresh embeddings the logit's value is `M_i` and its
+    gradient `mean_k grad s_{i,j_k}`, the estimator of Lindgren et al. whose expectation over
+    the draw is the full softmax's gradient. `estimator="stale"` keeps that uncorrected
+    estimator, `sg(M_i) + mean_k(s - sg(s))` (value `M_i` however stale the cache), which can
+    diverge when the towers move fast (docs/knobs.md, "Staleness and the defaults"). The
+    correction is folded into the cache's logit, so any `loss` (reduction, `sample_weight`)
+    gives the estimator without special cases.
 
     The cache never changes here. In training the task records a `CacheUpdate` (insert the
     batch's candidates, write back the re-encoded negatives, the random refresh) that
@@ -103,6 +107,7 @@ class CacheRetrieval(tfrs.tasks.Retrieval):
         refresh_per_step: int = 0,
         write_back: bool = True,
         sampling: str = "gumbel",
+        estimator: str = "corrected",
     ) -> None:
         """Initializes the task.
 
@@ -160,6 +165,18 @@ class CacheRetrieval(tfrs.tasks.Retrieval):
             exact loss) and its gradient is the self-normalised importance-sampling one:
             consistent, with a bias that shrinks as 1/k. Evaluation uses the exact log-mass
             in both modes. Not with `top_m` or a `ShardedNegativeCache`.
+          estimator: the cache's logit in training with `sampling="gumbel"`.
+            `"corrected"` (the default): `M_i + log mean_k exp(s_ik - s~_ik)`, the stale
+            log-mass reweighted by the drawn negatives' fresh-over-stale scores, so that its
+            exponential is an unbiased estimate of the cached mass under the current tower
+            and the cache's weight in the softmax follows the fresh scores. Equal to
+            `"stale"` when the drawn embeddings are fresh; costs nothing (the drawn slots'
+            stale embeddings are read anyway). `"stale"`: the value `M_i` (the cross entropy
+            with the stale cache) and gradient `P_i mean_k grad s_ik`, with `P_i` from the
+            stale mass: the paper's estimator, whose weight can stay near 1 while the fresh
+            scores fall, a feedback that made norms and loss explode with unnormalised dot
+            products and fast-moving towers (docs/knobs.md). Evaluation uses the exact stale
+            log-mass with both.
 
         logQ with a cache. Without `candidate_sampling_probability` the in-batch negatives
         are exact terms: the softmax is over [positive, in-batch negatives, the cache minus
@@ -230,6 +247,12 @@ class CacheRetrieval(tfrs.tasks.Retrieval):
                 "`top_m` restricts the Gumbel-Max draw to the best cached scores; a uniform "
                 f"draw scores nothing. Received: top_m={top_m!r} with sampling='uniform'.")
         self.sampling = sampling
+        if estimator not in ("corrected", "stale"):
+            raise ValueError(
+                "`estimator` must be 'corrected' (the cached log-mass reweighted by the drawn "
+                "negatives' fresh-over-stale scores) or 'stale' (the cached log-mass as it is). "
+                f"Received: estimator={estimator!r}.")
+        self.estimator = estimator
         if cache is not None:
             cache.check_sampling(top_m, sampling)
         self.top_m = top_m
@@ -383,6 +406,17 @@ class CacheRetrieval(tfrs.tasks.Retrieval):
                 estimate = estimate + tf.cast(log_weight, estimate.dtype)
             cache_logit = tf.where(has_mass, estimate, MIN_FLOAT)
             valid = tf.reshape(eligible, [-1])
+        elif self.estimator == "corrected":
+            stale_scores = _own_scores(query_embeddings, tf.reshape(
+                tf.cast(negatives.stale, query_embeddings.dtype),
+                [num_queries, k, self.cache.embedding_dim]))
+            if self._temperature is not None:
+                stale_scores = stale_scores / self._temperature
+            log_ratio = fresh_scores - tf.stop_gradient(stale_scores)
+            correction = tf.reduce_logsumexp(log_ratio, axis=-1) - tf.math.log(
+                tf.cast(k, log_ratio.dtype))
+            valid = tf.repeat(has_mass, k)
+            cache_logit = log_mass + tf.where(has_mass, correction, tf.zeros_like(correction))
         else:
             correction = tf.reduce_mean(fresh_scores - tf.stop_gradient(fresh_scores), axis=-1)
             valid = tf.repeat(has_mass, k)
