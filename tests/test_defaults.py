@@ -32,10 +32,11 @@ class TableTower(tf.keras.layers.Layer):
         return tf.gather(self.table, features["item_id"])
 
 
-def _shifted_setup(estimator, k, num_items=10, seed=0):
+def _shifted_setup(estimator, k, num_items=10, seed=0, scoring_dtype=None):
     rng = np.random.default_rng(seed)
     tower = TableTower(rng.normal(size=(num_items, DIM)).astype(np.float32))
-    cache = tfnegcache.NegativeCache(num_items, SPEC, DIM, seed=seed)
+    cache = tfnegcache.NegativeCache(num_items, SPEC, DIM, seed=seed,
+                                     scoring_dtype=scoring_dtype)
     per_query = tf.keras.losses.CategoricalCrossentropy(
         from_logits=True, reduction=tf.keras.losses.Reduction.NONE)
     task = tfnegcache.CacheRetrieval(
@@ -112,6 +113,35 @@ def test_corrected_cache_logit_is_an_unbiased_estimate_of_the_fresh_mass():
         assert stderr > 1e-3 * mass                                # the estimate is random
         assert abs(z_stale - mass) > 10 * stderr                   # the stale mass is off
         assert abs(estimate[i] - mass) < 4.5 * stderr, (estimate[i], mass, stderr)
+
+
+def test_with_bfloat16_scoring_the_correction_uses_the_rounded_scores_it_drew_with():
+    """A fresh cache scored in bfloat16: the draw and `M_i` use rounded scores `r_j`, so the
+    correction must divide by `exp(r_j)`, not by the float32 score. Then `exp(cache logit)`
+    is unbiased for the float32 mass; dividing by float32 scores would leave it at the
+    rounded mass, off by the rounding (scores ~30 here: bfloat16 steps of 0.125-0.25)."""
+    num_items, k = 10, 20000
+    task, tower, cache, queries, positives, _ = _shifted_setup(
+        "corrected", k, num_items, scoring_dtype=tf.bfloat16)
+    ids = tf.range(num_items, dtype=tf.int64)
+    tower.table.assign(tower.table * 4.0)
+    cache.write_embeddings(tf.cast(ids, tf.int64), tower({"item_id": ids}))   # fresh
+    queries = queries * 4.0
+    q, fresh = queries.numpy().astype(np.float64), tower.table.numpy().astype(np.float64)
+    s_pos = np.sum(q * fresh[positives.numpy()], 1)
+    loss = _loss(task, tower, queries, positives).astype(np.float64)
+    estimate = np.exp(s_pos) * np.expm1(loss)
+    round_ = lambda x: tf.cast(tf.cast(x, tf.bfloat16), tf.float64).numpy()  # noqa: E731
+    for i, p in enumerate(positives.numpy()):
+        f = np.delete(fresh, int(p), 0) @ q[i]
+        r = round_(np.delete(round_(fresh), int(p), 0) @ round_(q[i]))
+        mass, rounded_mass = np.exp(f).sum(), np.exp(r).sum()
+        prob, term = np.exp(r) / rounded_mass, rounded_mass * np.exp(f - r)
+        # The float32 loss carries ~1e-6 relative error; the rounding moves the mass by far
+        # more, so an estimate at the rounded mass fails.
+        tolerance = max(4.5 * np.sqrt((prob @ (term - mass) ** 2) / k), 2e-5 * mass)
+        assert abs(rounded_mass - mass) > 10 * tolerance
+        assert abs(estimate[i] - mass) < tolerance, (estimate[i], mass, rounded_mass)
 
 
 # A small version of the fast-moving-tower workload (configuration A of docs/workload.md at

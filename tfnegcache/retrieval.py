@@ -407,11 +407,21 @@ class CacheRetrieval(tfrs.tasks.Retrieval):
             cache_logit = tf.where(has_mass, estimate, MIN_FLOAT)
             valid = tf.reshape(eligible, [-1])
         elif self.estimator == "corrected":
-            stale_scores = _own_scores(query_embeddings, tf.reshape(
-                tf.cast(negatives.stale, query_embeddings.dtype),
-                [num_queries, k, self.cache.embedding_dim]))
-            if self._temperature is not None:
-                stale_scores = stale_scores / self._temperature
+            dtype = query_embeddings.dtype
+            stale = tf.reshape(tf.cast(negatives.stale, dtype),
+                               [num_queries, k, self.cache.embedding_dim])
+            rounded = getattr(self.cache, "scoring_dtype", None)
+            if rounded is not None and rounded != dtype:
+                # The scores the draw used: rounded queries / T and embeddings (exact products
+                # in float32), the score rounded too (NegativeCache(scoring_dtype=...)).
+                inv_temperature = 1.0 / self._temperature if self._temperature else 1.0
+                round_ = lambda x: tf.cast(tf.cast(x, rounded), dtype)  # noqa: E731
+                stale_scores = round_(_own_scores(round_(query_embeddings * inv_temperature),
+                                                  round_(stale)))
+            else:
+                stale_scores = _own_scores(query_embeddings, stale)
+                if self._temperature is not None:
+                    stale_scores = stale_scores / self._temperature
             log_ratio = fresh_scores - tf.stop_gradient(stale_scores)
             correction = tf.reduce_logsumexp(log_ratio, axis=-1) - tf.math.log(
                 tf.cast(k, log_ratio.dtype))
