@@ -341,6 +341,14 @@ def breakdown(runner, workload, args, row):
             return draw.slots, draw.stale, draw.log_mass
 
         out["sampling_ms"] = 1e3 * _common.time_fn(sample, repeats, warmup=2)
+
+        @tf.function
+        def floor():
+            # The scoring floor: the [B, cache] scores and their logsumexp, no draw.
+            return tf.reduce_logsumexp(tf.matmul(
+                queries, tf.cast(cache.embeddings, queries.dtype), transpose_b=True), -1)
+
+        out["scoring_floor_ms"] = 1e3 * _common.time_fn(floor, repeats, warmup=2)
         embeddings = tf.stop_gradient(candidate_tower(batch_ids))
         slots = tf.constant(rng.integers(0, runner.size, args.batch * k).astype(np.int64))
         fresh = tf.stop_gradient(runner.encode(cache.gather(slots)[0]))
