@@ -62,6 +62,7 @@ def make_parser():
     p.add_argument("--quick", action="store_true", help="tiny corpus, every method, < 30 s")
     p.add_argument("--report", action="store_true",
                    help="no training: tables and plots of the JSONs in the results dir")
+    p.add_argument("--markdown", action="store_true", help="--report: also markdown tables")
     p.add_argument("--setting", default="seq-both", choices=sorted(SETTINGS))
     p.add_argument("--methods", nargs="+", default=list(BASELINES + CACHES), choices=METHODS)
     p.add_argument("--seed", type=int, default=0)
@@ -404,7 +405,7 @@ def run_name(args, method):
 def main(argv=None):
     args = make_parser().parse_args(argv)
     if args.report:
-        return report()
+        return report(markdown=args.markdown)
     CLOCK.update(name=args.clock, fn=time.process_time if args.clock == "cpu" else time.perf_counter)
     if args.quick:
         args.num_coarse, args.fine_per_coarse, args.cache_size = 8, 8, 256
@@ -525,7 +526,36 @@ def compare(rows):
     return out
 
 
-def report(directory=None):
+def _markdown(rows, columns):
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return "-" if v is None else str(v)
+    lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+    lines += ["| " + " | ".join(fmt(r.get(c)) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _seed_summary(comparison):
+    """Mean and spread over seeds of each (setting, method, cache) comparison."""
+    groups = {}
+    for c in comparison:
+        groups.setdefault((c["setting"], c["method"], c["cache"]), []).append(c)
+    out = []
+    for (setting, method, cache), group in sorted(groups.items()):
+        removed_t = np.array([c["removed_equal_time"] for c in group])
+        r10 = np.array([c["r@10"] for c in group])
+        best = np.array([c["best_r@10"] for c in group])
+        out.append({"setting": setting, "method": method, "cache": cache,
+                    "seeds": " ".join(str(c["seed"]) for c in group),
+                    "r@10": float(r10.mean()), "best_baseline_r@10": float(best.mean()),
+                    "removed_mean": float(removed_t.mean()),
+                    "removed_sd": float(removed_t.std(ddof=1)) if len(group) > 1 else None,
+                    "removed_per_seed": " / ".join(f"{v:.3f}" for v in removed_t)})
+    return out
+
+
+def report(directory=None, markdown=False):
     from benchmarks import _common
     rows = load(directory)
     if not rows:
@@ -540,7 +570,25 @@ def report(directory=None):
                                      "best_baseline", "best_r@10", "removed_equal_time",
                                      "equal_steps", "r@10_equal_steps", "best_r@10_equal_steps",
                                      "removed_equal_steps"]))
-    summary = {"comparison": comparison, "target": TARGET}
+    seeds = _seed_summary(comparison)
+    print()
+    print(_common.table(seeds, list(seeds[0]) if seeds else []))
+    if markdown:
+        flat = []
+        for r in rows:
+            b = r["breakdown"]
+            flat.append({"setting": r["setting"], "seed": r["seed"], "method": r["method"],
+                         "cache": r.get("cache_size"), "steps": r["steps"],
+                         "r@10": r["recall@10"], "r@100": r["recall@100"],
+                         "ms/step": b["total_ms"], "towers": b.get("towers_ms"),
+                         "sampling": b.get("sampling_ms"),
+                         "(scoring floor)": b.get("scoring_floor_ms"),
+                         "update": b.get("cache_update_ms"), "refresh": b["refresh_ms"],
+                         "warm start": b["setup_ms"], "other": b.get("other_ms")})
+        print("\n" + _markdown(flat, list(flat[0])))
+        print("\n" + _markdown(comparison, list(comparison[0])) if comparison else "")
+        print("\n" + _markdown(seeds, list(seeds[0])) if seeds else "")
+    summary = {"comparison": comparison, "seeds": seeds, "target": TARGET}
     with open(os.path.join(directory or RESULTS, "summary.json"), "w",
               encoding="utf-8") as f:
         json.dump(summary, f, indent=1, default=float)
