@@ -523,6 +523,11 @@ def compare(rows):
                         "best_r@10_equal_steps": best_steps,
                         "removed_equal_steps": (removed(cache_at, best_steps)
                                                 if best_steps is not None else None)})
+            # The baselines linearly interpolated between their checkpoints at the cache's
+            # last step count (their curves are concave: this understates them).
+            interp = [v for v in (_at_steps(b["curve"], r["steps"]) for b in base.values())
+                      if v is not None]
+            out[-1]["best_r@10_interp_at_cache_steps"] = max(interp) if interp else None
     return out
 
 
@@ -569,7 +574,7 @@ def report(directory=None, markdown=False):
     print(_common.table(comparison, ["setting", "seed", "method", "cache", "r@10",
                                      "best_baseline", "best_r@10", "removed_equal_time",
                                      "equal_steps", "r@10_equal_steps", "best_r@10_equal_steps",
-                                     "removed_equal_steps"]))
+                                     "removed_equal_steps", "best_r@10_interp_at_cache_steps"]))
     seeds = _seed_summary(comparison)
     print()
     print(_common.table(seeds, list(seeds[0]) if seeds else []))
