@@ -190,16 +190,75 @@ def _tf():
     return tf
 
 
-def make_towers(workload: Workload, hidden=256, layers=2, dim=64, id_dim=0, seed=0):
-    """`(query_tower, candidate_tower)`; `candidate_tower(ids)` reads the item table itself."""
+def _transformer(tf, latent_dim, dim, tokens=8, d_model=32, heads=2, key_dim=16, ffn=64,
+                 blocks=1, name=None):
+    """A small transformer encoder over a feature vector: the `latent_dim` floats viewed as
+    `tokens` tokens, `Dense(d_model)` per token + a learned position embedding, `blocks`
+    post-norm encoder blocks (self-attention, feed-forward `ffn`), mean pool, `Dense(dim)`."""
+    if latent_dim % tokens:
+        raise ValueError(f"latent_dim {latent_dim} is not a multiple of tokens {tokens}")
+    layers = tf.keras.layers
+
+    class Tower(tf.keras.Model):
+        def __init__(self):
+            super().__init__(name=name)
+            self.embed = layers.Dense(d_model)
+            self.blocks = [(layers.MultiHeadAttention(heads, key_dim), layers.LayerNormalization(),
+                            layers.Dense(ffn, activation="relu"), layers.Dense(d_model),
+                            layers.LayerNormalization()) for _ in range(blocks)]
+            self.out = layers.Dense(dim)
+
+        def build(self, input_shape):
+            self.positions = self.add_weight(
+                name="positions", shape=[tokens, d_model],
+                initializer=tf.keras.initializers.RandomUniform(-0.05, 0.05))
+            super().build(input_shape)
+
+        def call(self, features):
+            x = tf.reshape(features, [-1, tokens, latent_dim // tokens])
+            x = self.embed(x) + self.positions[None]
+            for attention, norm1, hidden, project, norm2 in self.blocks:
+                x = norm1(x + attention(x, x))
+                x = norm2(x + project(hidden(x)))
+            return self.out(tf.reduce_mean(x, axis=1))
+
+    tower = Tower()
+    tower(tf.zeros([1, latent_dim]))
+    return tower
+
+
+TOWER_ARCHS = ("mlp", "transformer")
+
+
+def make_towers(workload: Workload, hidden=256, layers=2, dim=64, id_dim=0, seed=0,
+                query_arch="mlp", candidate_arch="mlp", transformer=None):
+    """`(query_tower, candidate_tower, variables)`; `candidate_tower(ids)` reads the item
+    table itself (all items when `ids` is None).
+
+    `query_arch`, `candidate_arch`: `"mlp"` (the workload's MLP, `hidden` x `layers`) or
+    `"transformer"` (`_transformer`, with the keyword arguments in `transformer`). The
+    candidate network itself is `candidate_tower.net` (it maps `[M, latent_dim]` features)."""
     tf = _tf()
     tf.keras.utils.set_random_seed(seed)
+    for arch in (query_arch, candidate_arch):
+        if arch not in TOWER_ARCHS:
+            raise ValueError(f"tower arch must be one of {TOWER_ARCHS}, got {arch!r}")
 
     def mlp(name):
         stack = [tf.keras.layers.Dense(hidden, activation="relu") for _ in range(layers)]
         return tf.keras.Sequential(stack + [tf.keras.layers.Dense(dim)], name=name)
 
-    query_mlp, item_mlp = mlp("query_tower"), mlp("candidate_tower")
+    def net(arch, name, width):
+        if arch == "transformer":
+            if id_dim and name == "candidate_tower":
+                raise ValueError("the transformer candidate tower takes no id embedding")
+            return _transformer(tf, width, dim, name=name, **(transformer or {}))
+        model = mlp(name)
+        model.build([None, width])
+        return model
+
+    query_mlp = net(query_arch, "query_tower", workload.latent_dim)
+    item_mlp = net(candidate_arch, "candidate_tower", workload.latent_dim + id_dim)
     features = tf.constant(workload.features)
     id_table = None
     if id_dim:
@@ -207,10 +266,6 @@ def make_towers(workload: Workload, hidden=256, layers=2, dim=64, id_dim=0, seed
             workload.num_items, id_dim,
             embeddings_initializer=tf.keras.initializers.RandomUniform(-0.05, 0.05),
             name="item_id_embedding")
-
-    query_mlp.build([None, workload.latent_dim])
-    item_mlp.build([None, workload.latent_dim + id_dim])
-    if id_table is not None:
         id_table.build([None])
 
     def candidate_tower(ids=None):
@@ -219,6 +274,8 @@ def make_towers(workload: Workload, hidden=256, layers=2, dim=64, id_dim=0, seed
             x = tf.concat([x, id_table(tf.range(workload.num_items) if ids is None else ids)], 1)
         return item_mlp(x)
 
+    candidate_tower.net = item_mlp
+    candidate_tower.features = features
     variables = query_mlp.trainable_variables + item_mlp.trainable_variables
     if id_table is not None:
         variables += id_table.trainable_variables
@@ -260,10 +317,21 @@ def make_train_step(method, workload, query_tower, candidate_tower, variables, o
     return step
 
 
-def evaluate(workload, query_tower, candidate_tower, test, ks=(10, 100), chunk=1024):
-    """Recall@k of `test` queries over all items, by exact top-k."""
+def evaluate(workload, query_tower, candidate_tower, test, ks=(10, 100), chunk=1024,
+             item_chunk=None):
+    """Recall@k of `test` queries over all items, by exact top-k.
+
+    `item_chunk`: encode the items that many at a time (a large corpus or an expensive tower;
+    None: all at once), and score `chunk` queries at a time against all of them (keep
+    `chunk * N` floats in memory in mind)."""
     tf = _tf()
-    items = candidate_tower()
+    if item_chunk is None:
+        items = candidate_tower()
+    else:
+        encode = _chunk_encoder(candidate_tower)
+        items = tf.concat([encode(tf.range(start, min(start + item_chunk, workload.num_items),
+                                           dtype=tf.int64))
+                           for start in range(0, workload.num_items, item_chunk)], 0)
     top = max(ks)
     found = []
     for start in range(0, len(test["item_id"]), chunk):
@@ -272,6 +340,14 @@ def evaluate(workload, query_tower, candidate_tower, test, ks=(10, 100), chunk=1
         found.append(idx.numpy() == test["item_id"][start:start + chunk, None])
     found = np.concatenate(found)
     return {f"recall@{k}": float(found[:, :k].any(1).mean()) for k in ks}
+
+
+def _chunk_encoder(candidate_tower):
+    """`candidate_tower(ids)` as one `tf.function` per tower (memoised on the tower)."""
+    tf = _tf()
+    if getattr(candidate_tower, "_chunk_encoder", None) is None:
+        candidate_tower._chunk_encoder = tf.function(lambda ids: candidate_tower(ids))
+    return candidate_tower._chunk_encoder
 
 
 def oracle_recall(workload, test, ks=(10, 100), chunk=512):
