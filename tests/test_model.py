@@ -29,9 +29,16 @@ def train(data, cache_size, epochs=3, **kwargs):
 
 
 def test_fit_fills_cache_lowers_loss_and_beats_in_batch_recall(data):
+    untrained = toy.full_softmax_loss(toy.ToyModel(cache_size=512), data[1])
     model, history = train(data, cache_size=512)
     baseline, _ = train(data, cache_size=None)
-    assert history["loss"][-1] < history["loss"][0]
+    # The objective the cache estimates, the full softmax's cross entropy on held-out pairs,
+    # falls (measured: 5.70 -> 3.39). The logged training loss is that estimate averaged
+    # over an epoch: at Adam 0.05 it levels off after the first epoch and moves by noise
+    # (520.3, 510.4, 520.7 for seed 0), so it is not compared across epochs.
+    trained = toy.full_softmax_loss(model, data[1])
+    assert trained < untrained - 1.0, (untrained, trained)
+    assert np.all(np.isfinite(history["loss"]))
     assert history["cache_fill"][-1] == pytest.approx(toy.NUM_ITEMS / 512)
     assert 0 < history["cache_staleness"][-1] < history["cache_staleness"][0]
     cached_recall = toy.recall_at(model, data[1])

@@ -103,5 +103,14 @@ def recall_at(model, data, k=10):
     return float(np.mean(np.any(top == data["item_id"][:, None], axis=1)))
 
 
+def full_softmax_loss(model, data):
+    """Mean cross entropy of `data` pairs over all items (the objective the cache estimates)."""
+    table = item_table()
+    items = model.candidate_tower({k_: tf.constant(v) for k_, v in table.items()})
+    scores = tf.matmul(model.query_tower(tf.constant(data["user_id"])), items, transpose_b=True)
+    return float(tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(
+        tf.constant(data["item_id"]), scores)))
+
+
 def dataset(data, batch_size):
     return tf.data.Dataset.from_tensor_slices(data).batch(batch_size, drop_remainder=True)
