@@ -450,8 +450,8 @@ def main(argv=None):
 
 # ------------------------------------------------------------------------------ the report
 
-def _table(rows):
-    from benchmarks import _common
+def _flat(rows):
+    """One dict per run: its recall and its step-time breakdown, for the report's tables."""
     flat = []
     for r in rows:
         b = r["breakdown"]
@@ -459,10 +459,18 @@ def _table(rows):
                      "cache": r.get("cache_size"), "steps": r["steps"],
                      "r@10": r["recall@10"], "r@100": r["recall@100"],
                      "ms/step": b["total_ms"], "towers": b.get("towers_ms"),
-                     "sampling": b.get("sampling_ms"), "update": b.get("cache_update_ms"),
-                     "refresh": b["refresh_ms"], "other": b.get("other_ms")})
-    return _common.table(flat, ["setting", "seed", "method", "cache", "steps", "r@10", "r@100",
-                                "ms/step", "towers", "sampling", "update", "refresh", "other"])
+                     "sampling": b.get("sampling_ms"),
+                     "(scoring floor)": b.get("scoring_floor_ms"),
+                     "update": b.get("cache_update_ms"), "refresh": b["refresh_ms"],
+                     "warm start": b.get("setup_ms"), "other": b.get("other_ms")})
+    return flat
+
+
+def _table(rows):
+    from benchmarks import _common
+    return _common.table(_flat(rows), ["setting", "seed", "method", "cache", "steps", "r@10",
+                                       "r@100", "ms/step", "towers", "sampling", "update",
+                                       "refresh", "other"])
 
 
 def _at_steps(curve, steps):
@@ -579,17 +587,7 @@ def report(directory=None, markdown=False):
     print()
     print(_common.table(seeds, list(seeds[0]) if seeds else []))
     if markdown:
-        flat = []
-        for r in rows:
-            b = r["breakdown"]
-            flat.append({"setting": r["setting"], "seed": r["seed"], "method": r["method"],
-                         "cache": r.get("cache_size"), "steps": r["steps"],
-                         "r@10": r["recall@10"], "r@100": r["recall@100"],
-                         "ms/step": b["total_ms"], "towers": b.get("towers_ms"),
-                         "sampling": b.get("sampling_ms"),
-                         "(scoring floor)": b.get("scoring_floor_ms"),
-                         "update": b.get("cache_update_ms"), "refresh": b["refresh_ms"],
-                         "warm start": b["setup_ms"], "other": b.get("other_ms")})
+        flat = _flat(rows)
         print("\n" + _markdown(flat, list(flat[0])))
         print("\n" + _markdown(comparison, list(comparison[0])) if comparison else "")
         print("\n" + _markdown(seeds, list(seeds[0])) if seeds else "")
