@@ -19,17 +19,7 @@ import tensorflow as tf
 
 import tfnegcache
 
-DIM = 4
-SPEC = {"item_id": tf.TensorSpec([], tf.int64)}
-
-
-class TableTower(tf.keras.layers.Layer):
-    def __init__(self, table):
-        super().__init__()
-        self.table = tf.Variable(table, name="table")
-
-    def call(self, features):
-        return tf.gather(self.table, features["item_id"])
+from test_retrieval import DIM, SPEC, TableTower  # the same table tower and spec
 
 
 def _shifted_setup(estimator, k, num_items=10, seed=0, scoring_dtype=None):

@@ -170,6 +170,17 @@ def _several_chunks(scale, num_slots=1024, dim=8, num_queries=4, seed=5):
     return queries, embeddings, bias, excluded, scale
 
 
+# Four chunks of 256 slots, blocks of 16: the plan of the shifted-tile tests below.
+FOUR_CHUNKS = sampling.plan_sampler(1024, 8, 4, block_size=16, tile_elements=4 * 256)
+
+
+def _block_reference(queries, embeddings, bias, excluded, inv_temperature, plan=FOUR_CHUNKS):
+    """`(reference logits [B, N], their per-block log-masses [B, num_blocks])`."""
+    reference = _reference_logits(queries, embeddings, bias, excluded, inv_temperature)
+    blocks = reference.reshape(len(queries), plan.num_blocks, plan.block_size)
+    return reference, scipy.special.logsumexp(blocks, axis=2)
+
+
 def _masses(queries, embeddings, bias, excluded, inv_temperature, plan, fallback=None,
             scoring_dtype=None):
     return sampling.block_log_masses(tf.constant(queries), tf.constant(embeddings),
@@ -182,13 +193,12 @@ def test_shifted_tiles_match_the_dense_reference_without_falling_back(inv_temper
     # At 1/T = 150 the positive scores 150 and the rest of its row at most ~100 less: an exact
     # log-mass needs the shift from the rest of the row, not from the excluded positive.
     queries, embeddings, bias, excluded, _ = _several_chunks(inv_temperature)
-    plan = sampling.plan_sampler(1024, 8, 4, block_size=16, tile_elements=4 * 256)
+    plan = FOUR_CHUNKS
     assert plan.num_chunks == 4
     fallback = []
     masses = _masses(queries, embeddings, bias, excluded, inv_temperature, plan, fallback)
     assert not bool(fallback[0])
-    reference = _reference_logits(queries, embeddings, bias, excluded, inv_temperature)
-    expected = scipy.special.logsumexp(reference.reshape(4, plan.num_blocks, 16), axis=2)
+    reference, expected = _block_reference(queries, embeddings, bias, excluded, inv_temperature)
     masses = masses.numpy()
     np.testing.assert_allclose(scipy.special.logsumexp(masses, 1),
                                scipy.special.logsumexp(reference, 1), rtol=1e-6)
@@ -207,12 +217,11 @@ def test_shifted_tiles_match_the_dense_reference_without_falling_back(inv_temper
 def test_a_later_score_far_above_the_first_chunk_falls_back_to_exact_tiles():
     queries, embeddings, bias, excluded, _ = _several_chunks(1.0)
     embeddings[900] = 300.0 * queries[1]   # 300 nats above anything in the first chunk
-    plan = sampling.plan_sampler(1024, 8, 4, block_size=16, tile_elements=4 * 256)
+    plan = FOUR_CHUNKS
     fallback = []
     masses = _masses(queries, embeddings, bias, excluded, 1.0, plan, fallback)
     assert bool(fallback[0])
-    reference = _reference_logits(queries, embeddings, bias, excluded, 1.0)
-    expected = scipy.special.logsumexp(reference.reshape(4, plan.num_blocks, 16), axis=2)
+    reference, expected = _block_reference(queries, embeddings, bias, excluded, 1.0)
     finite = np.isfinite(expected)
     np.testing.assert_allclose(masses.numpy()[finite], expected[finite], rtol=2e-6, atol=2e-5)
 
@@ -220,12 +229,11 @@ def test_a_later_score_far_above_the_first_chunk_falls_back_to_exact_tiles():
 def test_a_first_chunk_with_nothing_eligible_falls_back_to_exact_tiles():
     queries, embeddings, bias, excluded, _ = _several_chunks(1.0)
     bias[:256] = -np.inf                   # the whole first chunk is masked
-    plan = sampling.plan_sampler(1024, 8, 4, block_size=16, tile_elements=4 * 256)
+    plan = FOUR_CHUNKS
     fallback = []
     masses = _masses(queries, embeddings, bias, excluded, 1.0, plan, fallback)
     assert bool(fallback[0])
-    reference = _reference_logits(queries, embeddings, bias, excluded, 1.0)
-    expected = scipy.special.logsumexp(reference.reshape(4, plan.num_blocks, 16), axis=2)
+    reference, expected = _block_reference(queries, embeddings, bias, excluded, 1.0)
     np.testing.assert_array_equal(np.isfinite(masses.numpy()), np.isfinite(expected))
 
 
@@ -266,12 +274,11 @@ def test_a_masked_slot_far_above_the_rest_is_rescored_without_falling_back():
     queries, embeddings, bias, excluded, _ = _several_chunks(1.0)
     embeddings[600] = 300.0 * queries[1]
     bias[600] = -np.inf
-    plan = sampling.plan_sampler(1024, 8, 4, block_size=16, tile_elements=4 * 256)
+    plan = FOUR_CHUNKS
     fallback = []
     masses = _masses(queries, embeddings, bias, excluded, 1.0, plan, fallback)
     assert not bool(fallback[0])
-    reference = _reference_logits(queries, embeddings, bias, excluded, 1.0)
-    expected = scipy.special.logsumexp(reference.reshape(4, plan.num_blocks, 16), axis=2)
+    reference, expected = _block_reference(queries, embeddings, bias, excluded, 1.0)
     np.testing.assert_array_equal(np.isfinite(masses.numpy()), np.isfinite(expected))
     finite = np.isfinite(expected)
     np.testing.assert_allclose(masses.numpy()[finite], expected[finite], rtol=2e-6, atol=2e-5)
