@@ -288,9 +288,9 @@ def block_log_masses(queries, embeddings, slot_bias, excluded_slots, inv_tempera
 
     left = tf.cast(tf.concat([scaled, tf.ones_like(scaled[:, :1])], axis=1), score_dtype)
 
-    def exact_chunk(chunk_index, exclude=True):
+    def exact_chunk(chunk_index):
         tile = scores(left, chunk_index)
-        if exclude and excluded_slots is not None:
+        if excluded_slots is not None:
             positions = chunk_index * plan.chunk_size + tf.range(plan.chunk_size)
             tile = tf.where(positions[None, :] != excluded_slots[:, None], tile, NEG_INF)
         blocks = tf.reshape(tile, [num_rows, plan.blocks_per_chunk, plan.block_size])
