@@ -1,0 +1,101 @@
+"""The tower-cost map (`benchmarks.rho_map`): its arithmetic, an exact resume, and the
+`--quick` smoke run (a timing pass, every method, the report; about a minute)."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from benchmarks import rho_map
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_removed_misses_and_crossover():
+    assert rho_map.removed(0.9, 0.8) == pytest.approx(0.5)
+    assert rho_map.removed(0.8, 0.8) == pytest.approx(0.0)
+    assert rho_map.removed(0.7, 0.8) == pytest.approx(-0.5)
+    # -0.2 at rho 1, +0.2 at rho 4: zero half-way in log rho, at rho 2.
+    assert rho_map.crossover([(4.0, 0.2), (1.0, -0.2), (0.1, -0.5)]) == pytest.approx(2.0)
+    assert rho_map.crossover([(1.0, -0.2), (4.0, -0.1)]) is None
+
+
+def test_recall_is_interpolated_in_log_steps_and_never_extrapolated():
+    curve = [{"steps": 100, "recall@10": 0.2}, {"steps": 400, "recall@10": 0.4}]
+    assert rho_map.recall_at_steps(curve, 200) == pytest.approx(0.3)
+    assert rho_map.recall_at_steps(curve, 100) == pytest.approx(0.2)
+    assert rho_map.recall_at_steps(curve, 401) is None
+    assert rho_map.recall_at_steps(curve, 99) is None
+
+
+def test_step_marks_are_the_steps_done_at_each_fraction_of_the_budget():
+    # 100 ms steps after a 2 s warm start, 10 s budget: 8 s of steps at T, 0.5 s at T/8
+    # (the warm start is not done by T/16: one step, the first evaluation).
+    assert rho_map.step_marks(10.0, 100.0, 2.0, 5) == [1, 5, 30, 80]
+    assert rho_map.step_marks(16.0, 1000.0, 0.0, 3) == [4, 8, 16]
+
+
+def _args(**overrides):
+    args = rho_map.make_parser().parse_args(["--train", "--setting", "mlp"])
+    args.log2_items, args.num_test, args.seconds, args.timing_steps = 10, 100, 2.0, 3
+    for key, value in overrides.items():
+        setattr(args, key, value)
+    return args
+
+
+def test_a_stopped_run_resumes_from_its_checkpoint_and_ends_as_an_uninterrupted_one(
+        tmp_path, monkeypatch):
+    monkeypatch.setattr(rho_map, "RESULTS", str(tmp_path))
+    monkeypatch.setattr(rho_map, "CHECKPOINTS", str(tmp_path / "ckpt"))
+    quiet = lambda *_: None  # noqa: E731
+    rho_map.timing(_args(methods=["mns+logq", "cache-k1"]), log=quiet)
+    # The same timing under a second tag: one run straight through, one stopped and resumed.
+    shutil.copy(tmp_path / "timing_mlp_n10_b64.json", tmp_path / "timing_mlp_n10_b64_b.json")
+    for method in ("mns+logq", "cache-k1"):
+        straight = rho_map.train(_args(method=method, tag="_b"), log=quiet)
+        first = rho_map.train(_args(method=method), log=quiet, stop_after_marks=2)
+        assert len(first["curve"]) == 2 and not first["complete"]
+        resumed = rho_map.train(_args(method=method), log=quiet)
+        assert resumed["complete"] and straight["complete"]
+        assert [p["steps"] for p in resumed["curve"]] == straight["marks"]
+        for a, b in zip(resumed["curve"], straight["curve"]):
+            assert (a["steps"], a["loss"], a["recall@10"], a["recall@100"]) == \
+                (b["steps"], b["loss"], b["recall@10"], b["recall@100"]), method
+
+
+@pytest.mark.slow
+def test_quick_map_times_trains_every_method_and_reports(tmp_path):
+    env = dict(os.environ, TFNEGCACHE_RHO_MAP_DIR=str(tmp_path), TF_CPP_MIN_LOG_LEVEL="2",
+               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.rho_map", "--quick"], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(tmp_path / "timing_dense-32x1x8_n10_b64_quick.json", encoding="utf-8") as f:
+        timing = json.load(f)
+    assert set(timing["methods"]) == set(rho_map.METHODS)
+    assert timing["rho"] > 0 and timing["scoring_ms"] > 0
+    for method in rho_map.METHODS:
+        with open(tmp_path / f"dense-32x1x8_n10_b64_s0_{method}_quick.json",
+                  encoding="utf-8") as f:
+            run = json.load(f)
+        assert run["complete"], method
+        steps = [p["steps"] for p in run["curve"]]
+        assert steps == run["marks"] and steps == sorted(steps), method
+        for p in run["curve"]:
+            assert 0.0 <= p["recall@10"] <= p["recall@100"] <= 1.0
+        if method in rho_map.CACHES:
+            assert timing["methods"][method]["warm_start_s"] > 0
+    with open(tmp_path / "summary.json", encoding="utf-8") as f:
+        summary = json.load(f)
+    final = [c for c in summary["comparison"] if c["fraction"] == 1.0]
+    assert len(final) == 1
+    c = final[0]
+    assert c["best_baseline"] in rho_map.BASELINES and c["cache"] in rho_map.CACHES
+    assert c["removed"] == pytest.approx(rho_map.removed(c["cache_r@10"], c["baseline_r@10"]))
+    assert c["baseline_r@10"] == max(c[f"{m}_r@10"] for m in rho_map.BASELINES)
+    assert (tmp_path / "rho_map.png").stat().st_size > 0
+    assert (tmp_path / "rho_map_curves.png").stat().st_size > 0
