@@ -13,7 +13,10 @@ setup(
     ),
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    packages=find_packages(include=["tfnegcache", "tfnegcache.*"]),
+    # The library, and its examples (the MovieLens job, its data loader) as a package apart:
+    # `examples/` installs as `tfnegcache_examples`, outside the library's import surface.
+    packages=find_packages(include=["tfnegcache", "tfnegcache.*"]) + ["tfnegcache_examples"],
+    package_dir={"tfnegcache_examples": "examples"},
     python_requires=">=3.10",
     # The library itself: enough to import tfnegcache and train with a negative cache.
     install_requires=[

@@ -68,7 +68,7 @@ def make_cache_trainer(workload, query_tower, candidate_tower, variables, optimi
                        num_negatives=1, temperature=1.0, refresh_every=None, seed=0,
                        **task_options):
     """`(step, cache, task, refresh)`: a warm-started whole-corpus cache and a training step
-    that does what `CachedRetrievalModel.train_step` does."""
+    (the library's `run_step` over the task's loss)."""
     tf = _tf()
     import tfnegcache
 
@@ -89,19 +89,11 @@ def make_cache_trainer(workload, query_tower, candidate_tower, variables, optimi
 
     @tf.function
     def step(query, item_id):
-        cache.begin_step()
-        with tf.GradientTape() as tape:
-            loss = task(query_tower(query), candidate_tower(item_id), candidate_ids=item_id,
-                        candidate_features={"item_id": item_id}, compute_metrics=False,
-                        compute_batch_metrics=False, training=True)
-        gradients = tape.gradient(loss, variables)
-        prepared = cache.prepare(task.pop_update())
-        guards = [tf.debugging.assert_all_finite(loss, "loss")] + list(prepared.checks)
-        with tf.control_dependencies(guards):
-            optimizer.apply_gradients(zip(gradients, variables))
-        with tf.control_dependencies(guards):
-            cache.commit(prepared)
-        return loss
+        return tfnegcache.run_step(
+            lambda: task(query_tower(query), candidate_tower(item_id), candidate_ids=item_id,
+                         candidate_features={"item_id": item_id}, compute_metrics=False,
+                         compute_batch_metrics=False),
+            variables, optimizer)
 
     def refresh():
         cache.refresh_all(encoder, batch_size=8192)

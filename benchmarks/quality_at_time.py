@@ -39,7 +39,7 @@ from benchmarks import _common  # first: imports tfnegcache (Keras 2) before Ten
 import numpy as np
 import tensorflow as tf
 
-from tfnegcache.datasets import synthetic
+from benchmarks import synthetic
 
 METHODS = ("cache", "cache+logq", "cache-only", "inbatch", "inbatch+logq", "full-softmax")
 DEFAULT_METHODS = ("cache", "cache+logq", "cache-only", "inbatch", "inbatch+logq")

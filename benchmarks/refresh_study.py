@@ -31,7 +31,8 @@ import tfnegcache  # first: selects Keras 2
 import numpy as np
 import tensorflow as tf
 
-from tfnegcache.datasets import movielens, synthetic
+from benchmarks import synthetic
+from tfnegcache_examples import movielens_data as movielens
 
 RATES = (0.0, 1 / 1024, 1 / 128, 1 / 16, 1.0)
 RATE_NAMES = {0.0: "0", 1 / 1024: "1/1024", 1 / 128: "1/128", 1 / 16: "1/16", 1.0: "1"}

@@ -99,15 +99,15 @@ def _parts(_common, model, features, repeats, make_model):
     ids = features["candidate_id"]
     queries = model.query_tower(features["query_tokens"])
     exact_in_batch = task.use_in_batch_negatives
-    kwargs = dict(num_samples=task.num_negatives, temperature=task._temperature,  # pylint: disable=protected-access
+    kwargs = dict(temperature=task._temperature,  # pylint: disable=protected-access
                   masked_ids=ids if exact_in_batch else None,
                   excluded_ids=None if exact_in_batch else ids)
     out = {}
-    score = tf.function(lambda: cache.draw(queries, draw=False, **kwargs).log_mass)
+    score = tf.function(lambda: cache.log_mass(queries, **kwargs))
     out["scoring_ms"] = 1e3 * _common.time_fn(score, repeats)
     @tf.function
     def drawn():
-        negatives = cache.draw(queries, **kwargs)
+        negatives = cache.draw(queries, task.num_negatives, **kwargs)
         return negatives.slots, negatives.features
     out["sampler_ms"] = 1e3 * _common.time_fn(drawn, repeats)
     out["sampling_ms"] = max(out["sampler_ms"] - out["scoring_ms"], 0.0)
@@ -161,7 +161,7 @@ def _parts(_common, model, features, repeats, make_model):
 def _child(mode, num_slots, batch, dim, repeats, embedding_dtype, towers="hashed"):
     from benchmarks import _common  # imports tfnegcache (Keras 2) before TensorFlow
     import tensorflow as tf
-    from tfnegcache.datasets import synthetic
+    from benchmarks import synthetic
 
     out = {"mode": mode, "N": num_slots, "towers": towers}
     if mode == "peak":

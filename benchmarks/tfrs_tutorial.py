@@ -23,7 +23,7 @@ import test_tfrs_tutorial as tutorial  # noqa: E402
 
 
 def movielens_data():
-    from tfnegcache.datasets import movielens  # pylint: disable=import-outside-toplevel
+    from tfnegcache_examples import movielens_data as movielens  # pylint: disable=import-outside-toplevel
     data = movielens.load()
     ratings = tf.data.Dataset.from_tensor_slices(
         {"user_id": data.ratings["user_id"], "movie_title": data.ratings["movie_title"]})

@@ -356,7 +356,6 @@ def breakdown(runner, workload, args, row):
 
         @tf.function
         def sample():
-            cache.begin_step()
             draw = cache.draw(queries, k, args.cache_temperature, masked_ids=batch_ids)
             return draw.slots, draw.stale, draw.log_mass
 

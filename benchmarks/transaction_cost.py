@@ -20,7 +20,7 @@ from benchmarks import _common  # first: imports tfnegcache (Keras 2) before Ten
 import tensorflow as tf  # pylint: disable=g-bad-import-order
 
 from tfnegcache import checks
-from tfnegcache.datasets import synthetic
+from benchmarks import synthetic
 
 
 def _model(corpus, num_slots, dim):

@@ -18,6 +18,14 @@ sys.path.insert(0, os.path.dirname(__file__))
 import toy  # noqa: E402  pylint: disable=wrong-import-position
 
 
+def replica_values(variable):
+    """Every local copy of a (possibly mirrored) variable, as numpy arrays."""
+    values = getattr(variable, "values", None)
+    if values is None:
+        return [variable.numpy()]
+    return [v.numpy() for v in values]
+
+
 def split_cpu(num):
     cpu = tf.config.list_physical_devices("CPU")[0]
     tf.config.set_logical_device_configuration(
@@ -40,10 +48,10 @@ def make_model(cache_size, layout="replicated", seed=0, **task_kwargs):
 def cache_arrays(cache):
     """{name: [one array per local copy or shard]} of a cache's variables."""
     out = {}
-    for shard in cache.local_caches():
+    for shard in cache.stores():
         for v in shard.weights:
             name = v.name.split("/", 1)[1] if "/" in v.name else v.name
-            out.setdefault(name, []).extend(tfnegcache.distribute.replica_values(v))
+            out.setdefault(name, []).extend(replica_values(v))
     return out
 
 
@@ -90,15 +98,12 @@ def sharded_exact(out):
     @tf.function
     def dist_loss(features):
         def step(f):
-            with model._tasks_in_training(model.cache_tasks()):  # pylint: disable=protected-access
-                loss = model.compute_loss(f, training=True)
-            model.task.pop_update()
-            return loss
+            with tfnegcache.step.recording():
+                return model.compute_loss(f, training=True)
         return strategy.reduce("SUM", strategy.run(step, args=(features,)), axis=None)
 
-    with reference._tasks_in_training(reference.cache_tasks()):  # pylint: disable=protected-access
+    with tfnegcache.step.recording():
         ref_loss = float(reference.compute_loss(batch, training=True))
-    reference.task.pop_update()
     result = {"loss": float(dist_loss(dist_batch)), "ref_loss": ref_loss}
 
     # Chi-square: one user repeated over the global batch, many steps; a low temperature
@@ -205,12 +210,12 @@ def refresh_everything(out):
         model.candidate_tower.set_weights(last.weights)
         cache = model.task.cache
         errors, checked = [], 0
-        for shard in cache.local_caches():
+        for shard in cache.stores():
             older = np.arange(int(shard.num_filled.numpy()))
             checked += len(older)
             features = {k: tf.gather(v, older) for k, v in shard.features.items()}
             expected = model.candidate_tower(features).numpy()
-            for copy in tfnegcache.distribute.replica_values(shard.embeddings):
+            for copy in replica_values(shard.embeddings):
                 errors.append(float(np.abs(np.asarray(copy)[older] - expected).max()))
         result[layout] = {"max_error": errors, "copies": len(errors), "checked": checked}
     json.dump(result, open(out, "w"))
@@ -229,9 +234,9 @@ def full_state(model):
     state = {}
     variables = list(model.weights) + list(model.optimizer.variables())
     for i, v in enumerate(variables):
-        for r, copy in enumerate(tfnegcache.distribute.replica_values(v)):
+        for r, copy in enumerate(replica_values(v)):
             state[f"{i}:{v.name}:{r}"] = np.asarray(copy).tolist()
-    for i, cache in enumerate(model.task.cache.local_caches()):
+    for i, cache in enumerate(model.task.cache.stores()):
         keys, values = (t.numpy() for t in cache.index.export())
         order = np.argsort(keys)
         state[f"index{i}"] = [keys[order].tolist(), values[order].tolist()]

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from tfnegcache.datasets import movielens
+from tfnegcache_examples import movielens_data as movielens
 
 
 def arrays(num_users=30, num_movies=40, num_ratings=1200, seed=0):

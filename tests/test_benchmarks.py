@@ -67,7 +67,7 @@ def test_same_fine_cluster_rate_matches_simulated_batches():
     import numpy as np
 
     from benchmarks import quality_at_time
-    from tfnegcache.datasets import synthetic
+    from benchmarks import synthetic
 
     corpus = synthetic.make_corpus(num_candidates=2**12, num_coarse=4, fine_per_coarse=4,
                                    popularity_exponent=1.0, seed=3)
@@ -93,7 +93,7 @@ def test_hash_buckets_and_hidden_flags_reach_both_towers_of_every_method():
     import numpy as np
 
     from benchmarks import quality_at_time
-    from tfnegcache.datasets import synthetic
+    from benchmarks import synthetic
 
     args = quality_at_time.make_parser().parse_args(
         ["--hash-buckets", "300", "--hidden", "20", "--dim", "12", "--cache-size", "64"])

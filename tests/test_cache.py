@@ -151,8 +151,7 @@ def test_draws_depend_on_seed_and_step_but_evaluation_does_not_advance_them():
     cache = make_cache(size=8, dim=2, seed=3)
     cache.insert(*rows(np.arange(8), value=np.zeros(8), dim=2))
     first = cache.sample(tf.zeros([4, 2]), num_samples=50).slots.numpy()
-    cache._draws_this_step = 0  # pylint: disable=protected-access
-    cache.sample(tf.zeros([4, 2]), draw=False)
+    cache.log_mass(tf.zeros([4, 2]))
     again = cache.sample(tf.zeros([4, 2]), num_samples=50).slots.numpy()
     np.testing.assert_array_equal(first, again)
     cache.update()

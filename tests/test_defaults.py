@@ -44,10 +44,9 @@ def _shifted_setup(estimator, k, num_items=10, seed=0, scoring_dtype=None):
 
 def _loss(task, tower, queries, positives, step=0):
     task.cache.step.assign(step)
-    task.cache.begin_step()
-    loss = task(queries, tower({"item_id": positives}), candidate_ids=positives,
-                candidate_features={"item_id": positives}, training=True)
-    task.pop_update()
+    with tfnegcache.step.recording():
+        loss = task(queries, tower({"item_id": positives}), candidate_ids=positives,
+                    candidate_features={"item_id": positives}, training=True)
     return loss.numpy()
 
 

@@ -14,8 +14,8 @@ import pytest
 import tensorflow as tf
 
 import ml_fixture
-from tfnegcache.datasets import movielens
-from tfnegcache.experiments import movielens as experiment
+from tfnegcache_examples import movielens_data as movielens
+from tfnegcache_examples import movielens as experiment
 from tfnegcache.export import export_retrieval_model
 
 CACHE_SIZE = 97  # distinct from every other dimension, so cache-sized tensors are recognisable

@@ -54,7 +54,7 @@ data = {"user_id": np.arange(8) % 5, "item_id": np.arange(8, dtype=np.int64)}
 logs = model.fit(tf.data.Dataset.from_tensor_slices(data).batch(4), epochs=1, verbose=0)
 print("loss", logs.history["loss"][-1] > 0, "fill", logs.history["cache_fill"][-1] > 0)
 
-from tfnegcache.experiments import movielens as experiment  # the job's module imports too
+from tfnegcache_examples import movielens as experiment  # the job's module imports too
 try:
     experiment.plot({}, "unused.png")
 except ImportError as error:

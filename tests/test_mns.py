@@ -41,9 +41,10 @@ def eligible_mass(queries, table, ids, use_in_batch):
 def test_loss_value_is_the_cross_entropy_with_the_sampled_mass(use_in_batch):
     task, tower, cache = uniform_task(use_in_batch, k=3, loss=Recorder())
     queries, candidates, ids = batch(tower, [1, 6, 9])
-    loss = task(queries, candidates, candidate_ids=ids, candidate_features={"item_id": ids},
-                training=True)
-    update = task.pop_update()
+    with tfnegcache.step.recording() as step:
+        loss = task(queries, candidates, candidate_ids=ids, candidate_features={"item_id": ids},
+                    training=True)
+    (_, update, _), = step.updates
     slots = update.write_back_slots.numpy().reshape(3, 3)
     valid = update.write_back_valid.numpy().reshape(3, 3)
     q, table = queries.numpy(), tower.table.numpy()
@@ -69,12 +70,11 @@ def _draws(task, cache, tower, queries, ids, draws, grads_of):
     @tf.function
     def one(step):
         cache.step.assign(step)
-        with tf.GradientTape() as tape:
+        with tf.GradientTape() as tape, tfnegcache.step.recording():
             task(queries, tower(features), candidate_ids=ids, candidate_features=features,
                  training=True)
             logits = task._loss.logits[:, -1]  # pylint: disable=protected-access
             target = grads_of(logits)
-        task.pop_update()
         grads = tape.gradient(target, [queries, tower.table])
         return logits, tf.concat([tf.reshape(g, [-1]) for g in grads], 0)
 
@@ -126,10 +126,9 @@ def test_the_loss_gradient_approaches_the_full_softmax_gradient_as_k_grows():
         @tf.function
         def one(step, task=task, cache=cache, tower=tower, queries=queries):
             cache.step.assign(step)
-            with tf.GradientTape() as tape:
+            with tf.GradientTape() as tape, tfnegcache.step.recording():
                 loss = task(queries, tower(features), candidate_ids=ids,
                             candidate_features=features, training=True)
-            task.pop_update()
             grads = tape.gradient(loss, [queries, tower.table])
             return tf.concat([tf.reshape(g, [-1]) for g in grads], 0)
 

@@ -1,4 +1,4 @@
-"""Tests for tfnegcache.datasets.movielens, offline, on tiny fixture files of both layouts."""
+"""Tests for tfnegcache_examples.movielens_data, offline, on tiny fixture files of both layouts."""
 
 import socket
 import sys
@@ -8,7 +8,7 @@ import zipfile
 import numpy as np
 import pytest
 
-from tfnegcache.datasets import movielens
+from tfnegcache_examples import movielens_data as movielens
 
 import tensorflow as tf  # pylint: disable=g-import-not-at-top,wrong-import-order
 

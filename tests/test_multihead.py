@@ -77,8 +77,9 @@ def test_empty_cache_is_identical_to_tfrs_retrieval(kwargs, training):
     for call_kwargs in ({}, {"sample_weight": weights, "candidate_sampling_probability": probability},
                         {"score_mask": mask, "sample_weight": weights}):
         expected = reference(queries, candidates, candidate_ids=ids, **call_kwargs)
-        got = ours(queries, candidates, candidate_ids=ids, candidate_features={"item_id": ids},
-                   training=training, **call_kwargs)
+        with tfnegcache.step.recording():
+            got = ours(queries, candidates, candidate_ids=ids,
+                       candidate_features={"item_id": ids}, training=training, **call_kwargs)
         assert got.numpy() == expected.numpy(), (got.numpy(), expected.numpy())
     # Loss metric and AUC batch metric equal; the factorized metrics are skipped by both.
     for a, b in zip(reference.metrics, ours.metrics):
@@ -126,8 +127,9 @@ def test_loss_is_cross_entropy_over_positive_in_batch_and_cache_with_maxsim(
                                       use_in_batch_negatives=use_in_batch,
                                       **({"estimator": "stale"} if training else {}))
     queries, candidates, ids = multi_head_batch(tower, [2, 5, 12])
-    loss = task(queries, candidates, candidate_ids=ids, candidate_features={"item_id": ids},
-                training=training)
+    with tfnegcache.step.recording():
+        loss = task(queries, candidates, candidate_ids=ids, candidate_features={"item_id": ids},
+                    training=training)
 
     t = temperature or 1.0
     in_batch = maxsim(queries.numpy(), candidates.numpy()) / t        # [3, 3]
@@ -148,7 +150,7 @@ def test_cache_logit_in_evaluation_is_the_maxsim_log_mass(use_in_batch, top_m):
     task, tower, cache = _filled_task(temperature=temperature, top_m=top_m,
                                       use_in_batch_negatives=use_in_batch)
     queries, _, ids = multi_head_batch(tower, [2, 5, 12])
-    column, write_back = task._cache_logit(queries, ids, training=False)  # pylint: disable=protected-access
+    column, write_back = task._cache_column(queries, ids, training=False)  # pylint: disable=protected-access
     assert write_back is None
 
     scores = maxsim(queries.numpy(), cache.embeddings.numpy()[:10]) / temperature
@@ -171,13 +173,14 @@ def test_one_head_is_the_single_vector_query():
         task, tower, cache = _filled_task(temperature=0.5, num_negatives=2)
         queries, _, ids = multi_head_batch(tower, [2, 5, 12], heads=1)
         queries = tf.Variable(queries if expand else queries[:, 0])
-        with tf.GradientTape() as tape:
+        with tf.GradientTape() as tape, tfnegcache.step.recording() as step:
             loss = task(queries, tower({"item_id": ids}), candidate_ids=ids,
                         candidate_features={"item_id": ids}, training=True)
         grads = tape.gradient(loss, [queries, tower.table])
+        (_, update, _), = step.updates
         results.append([loss.numpy(), np.reshape(grads[0], [3, DIM]),
                         tf.convert_to_tensor(grads[1]).numpy(),
-                        task.pop_update().write_back_slots.numpy()])
+                        update.write_back_slots.numpy()])
     for a, b in zip(*results):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
@@ -205,10 +208,9 @@ def test_mean_surrogate_gradient_is_the_maxsim_softmax_gradient():
     @tf.function
     def one(step):
         cache.step.assign(step)
-        with tf.GradientTape() as tape:
+        with tf.GradientTape() as tape, tfnegcache.step.recording():
             loss = task(queries, tower(features), candidate_ids=ids, candidate_features=features,
                         training=True)
-        task.pop_update()
         grads = tape.gradient(loss, [queries, tower.table])
         return loss, tf.concat([tf.reshape(tf.convert_to_tensor(g), [-1]) for g in grads], 0)
 

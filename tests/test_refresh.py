@@ -8,6 +8,7 @@ import tensorflow as tf
 
 import tfnegcache
 from tfnegcache import CacheUpdate, refresh, sampling
+from tfnegcache.cache import refresh_seed
 import toy
 
 DIM = 16
@@ -69,19 +70,19 @@ def test_refresh_writes_exactly_the_given_filled_slots():
 
 def test_random_refresh_is_uniform_distinct_stateless_and_writes_only_its_choice():
     cache, tower = filled_cache(), encoder()
-    seed = refresh.refresh_seed(cache.seed, 0)
-    chosen = refresh.choose_refresh_slots(cache, 6, seed).numpy()
+    seed = refresh_seed(cache.seed, 0)
+    chosen = cache.random_filled_slots(6, seed).numpy()
     assert len(set(chosen)) == 6 and chosen.max() < 20
-    np.testing.assert_array_equal(chosen, refresh.choose_refresh_slots(cache, 6, seed).numpy())
-    other = refresh.choose_refresh_slots(cache, 6, refresh.refresh_seed(cache.seed, 1)).numpy()
+    np.testing.assert_array_equal(chosen, cache.random_filled_slots(6, seed).numpy())
+    other = cache.random_filled_slots(6, refresh_seed(cache.seed, 1)).numpy()
     assert set(other) != set(chosen)
     # More than filled: every filled slot once.
-    assert sorted(refresh.choose_refresh_slots(cache, 31).numpy()) == list(range(20))
+    assert sorted(cache.random_filled_slots(31, refresh_seed(cache.seed, 0)).numpy()) == list(range(20))
     # Uniform over filled slots: counts over many steps.
     counts = np.zeros(32)
     for step in range(300):
-        counts[refresh.choose_refresh_slots(
-            cache, 2, refresh.refresh_seed(0, step)).numpy()] += 1
+        counts[cache.random_filled_slots(
+            2, refresh_seed(0, step)).numpy()] += 1
     assert counts[20:].sum() == 0
     assert scipy.stats.chisquare(counts[:20]).pvalue > 1e-3
 
@@ -103,7 +104,7 @@ def test_refresh_per_step_encodes_with_the_weights_before_the_optimizer_step():
     model.compile(tf.keras.optimizers.Adam(0.05))
     data = toy.interactions(64, seed=5)
     before = state(cache)
-    chosen = refresh.choose_refresh_slots(cache, 40, refresh.refresh_seed(cache.seed, 0)).numpy()
+    chosen = cache.random_filled_slots(40, refresh_seed(cache.seed, 0)).numpy()
     features = {k: tf.gather(v, chosen) for k, v in cache.features.items()}
     pre_step = model.candidate_tower(features).numpy()
     model.fit(toy.dataset(data, 64), epochs=1, verbose=0)   # one step

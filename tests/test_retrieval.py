@@ -57,8 +57,9 @@ def test_loss_equals_cross_entropy_over_positive_in_batch_and_cache(use_in_batch
     # Cache embeddings are stale: the tower has moved on since they were written.
     tower.table.assign_add(tf.fill(tower.table.shape, 0.1))
     queries, candidates, ids = batch(tower, [2, 5, 12])
-    loss = task(queries, candidates, candidate_ids=ids,
-                candidate_features={"item_id": ids}, training=training)
+    with tfnegcache.step.recording():
+        loss = task(queries, candidates, candidate_ids=ids,
+                    candidate_features={"item_id": ids}, training=training)
 
     q, c, stale = queries.numpy(), candidates.numpy(), cache.embeddings.numpy()[:10]
     t = temperature or 1.0
@@ -102,8 +103,9 @@ def test_empty_cache_is_identical_to_tfrs_retrieval(kwargs, training):
     probability = tf.constant([0.1, 0.2, 0.1, 0.3, 0.05])
     for call_kwargs in ({}, {"sample_weight": weights, "candidate_sampling_probability": probability}):
         expected = reference(queries, candidates, candidate_ids=ids, **call_kwargs)
-        got = ours(queries, candidates, candidate_ids=ids, candidate_features={"item_id": ids},
-                   training=training, **call_kwargs)
+        with tfnegcache.step.recording():
+            got = ours(queries, candidates, candidate_ids=ids,
+                       candidate_features={"item_id": ids}, training=training, **call_kwargs)
         assert got.numpy() == expected.numpy(), (got.numpy(), expected.numpy())
     for a, b in zip(reference.metrics, ours.metrics):
         np.testing.assert_array_equal(np.asarray(a.result()), np.asarray(b.result()), err_msg=a.name)
@@ -123,10 +125,9 @@ def _surrogate_gradients(task, cache, tower, queries, ids, draws):
     @tf.function
     def one(step):
         cache.step.assign(step)
-        with tf.GradientTape() as tape:
+        with tf.GradientTape() as tape, tfnegcache.step.recording():
             loss = task(queries, tower(features), candidate_ids=ids, candidate_features=features,
                         training=True)
-        task.pop_update()
         grads = tape.gradient(loss, [queries, tower.table])
         return tf.concat([tf.reshape(g, [-1]) for g in grads], 0)
 
@@ -192,10 +193,9 @@ def test_logq_with_a_partial_cache_is_unbiased_for_the_importance_weighted_softm
     @tf.function
     def one(step):
         cache.step.assign(step)
-        with tf.GradientTape() as tape:
+        with tf.GradientTape() as tape, tfnegcache.step.recording():
             loss = task(queries, tower(features), candidate_ids=ids, candidate_features=features,
                         candidate_sampling_probability=probability, training=True)
-        task.pop_update()
         grads = tape.gradient(loss, [queries, tower.table])
         return loss, tf.concat([tf.reshape(g, [-1]) for g in grads], 0)
 

@@ -5,7 +5,7 @@ import pytest
 import scipy.stats
 import tensorflow as tf
 
-from tfnegcache import sampling
+from tfnegcache import sampling, scoring
 
 
 def softmax(x):
@@ -109,7 +109,7 @@ def test_plan_sampler_balances_stages_and_bounds_tiles(num_slots, dim, expected_
     plan = sampling.plan_sampler(num_slots, dim, 256)
     assert plan.block_size == expected_block
     assert plan.num_blocks * plan.block_size >= num_slots
-    assert 256 * plan.chunk_size <= max(sampling.DEFAULT_TILE_ELEMENTS, 256 * plan.block_size)
+    assert 256 * plan.chunk_size <= max(scoring.DEFAULT_TILE_ELEMENTS, 256 * plan.block_size)
     assert plan.num_chunks * plan.chunk_size >= num_slots
 
 
@@ -183,9 +183,13 @@ def _block_reference(queries, embeddings, bias, excluded, inv_temperature, plan=
 
 def _masses(queries, embeddings, bias, excluded, inv_temperature, plan, fallback=None,
             scoring_dtype=None):
-    return sampling.block_log_masses(tf.constant(queries), tf.constant(embeddings),
-                                     tf.constant(bias), tf.constant(excluded), inv_temperature,
-                                     plan, scoring_dtype, _fallback=fallback)
+    """The block log-masses; `fallback` (a list) receives whether exact tiles were used."""
+    args = (tf.constant(queries), tf.constant(embeddings), tf.constant(bias),
+            tf.constant(excluded), inv_temperature, plan, scoring_dtype)
+    if fallback is not None:
+        _, trouble, _ = scoring.tiled_block_log_masses(*args)
+        fallback.append(trouble)
+    return scoring.block_log_masses(*args)
 
 
 @pytest.mark.parametrize("inv_temperature", [1.0, 20.0, 150.0])
@@ -238,11 +242,12 @@ def test_a_first_chunk_with_nothing_eligible_falls_back_to_exact_tiles():
 
 
 def _rounded_logits(queries, embeddings, bias, excluded, inv_temperature, dtype):
-    """The scores `scoring_dtype` promises: rounded queries and embeddings, float32
-    accumulation, the score rounded."""
-    q = tf.cast(tf.cast(queries * inv_temperature, dtype), tf.float32).numpy()
-    e = tf.cast(tf.cast(embeddings, dtype), tf.float32).numpy()
-    scores = tf.cast(tf.cast(q @ e.T, dtype), tf.float32).numpy()
+    """The scores `scoring_dtype` promises: rounded queries and embeddings, their product
+    rounded by the platform's matmul in that dtype (oneDNN on some CPUs truncates where a
+    cast rounds to nearest)."""
+    q = tf.cast(tf.constant(queries * inv_temperature), dtype)
+    e = tf.cast(tf.constant(embeddings), dtype)
+    scores = tf.cast(tf.matmul(q, e, transpose_b=True), tf.float32).numpy()
     return _reference_logits(scores, np.eye(scores.shape[1], dtype=np.float32), bias,
                              excluded, 1.0)
 
@@ -254,16 +259,40 @@ def test_reduced_precision_scoring_draws_follow_the_softmax_of_the_rounded_score
     queries = queries.astype(np.float32)
     plan = sampling.plan_sampler(256, 8, 3, block_size=16, tile_elements=3 * 64)
     assert plan.num_chunks == 4
+    num_draws = 20000
     draw = sampling.sample_cache(tf.constant(queries), tf.constant(embeddings),
-                                 tf.constant(bias), 4.0, 20000, tf.constant([4, 2]),
+                                 tf.constant(bias), 4.0, num_draws, tf.constant([4, 2]),
                                  tf.constant(excluded), plan=plan, scoring_dtype=dtype)
     rounded = _rounded_logits(queries, embeddings, bias, excluded, 4.0, dtype)
     exact = _reference_logits(queries, embeddings, bias, excluded, 4.0)
-    np.testing.assert_allclose(draw.log_mass.numpy(), scipy.special.logsumexp(rounded, 1),
-                               rtol=1e-5)
+    # The tiles round with the matmul; the few blocks re-scored exactly (the excluded slot's)
+    # with the batched matmul, which may round to nearest: the log-mass lies between the two.
+    nearest = _reference_logits(tf.cast(tf.cast(
+        tf.cast(tf.cast(queries * 4.0, dtype), tf.float32).numpy()
+        @ tf.cast(tf.cast(embeddings, dtype), tf.float32).numpy().T, dtype), tf.float32).numpy(),
+        np.eye(256, dtype=np.float32), bias, excluded, 1.0)
+    bounds = np.sort([scipy.special.logsumexp(rounded, 1),
+                      scipy.special.logsumexp(nearest, 1)], axis=0)
+    mass = draw.log_mass.numpy()
+    assert np.all(mass >= bounds[0] * (1 - 1e-5)) and np.all(mass <= bounds[1] * (1 + 1e-5))
     assert draw.log_mass.dtype == tf.float32
+    slots, log_prob = draw.slots.numpy(), draw.log_prob.numpy()
     for row in range(3):
-        assert chi_square_p(draw.slots.numpy()[row], softmax(rounded[row])) > 1e-3
+        # Each draw reports the probability it drew its slot with (one value per slot) ...
+        reported = np.full(256, np.nan)
+        for slot, value in zip(slots[row], log_prob[row]):
+            assert np.isnan(reported[slot]) or reported[slot] == pytest.approx(value, abs=1e-5)
+            reported[slot] = value
+        drawn = ~np.isnan(reported)
+        p = np.exp(reported[drawn])
+        assert 0.995 < p.sum() <= 1.0 + 1e-4        # the slots never drawn carry < 0.5%
+        # ... the draws follow those probabilities ...
+        counts = np.bincount(slots[row], minlength=256)[drawn]
+        assert scipy.stats.chisquare(counts, num_draws * p / p.sum()).pvalue > 1e-3
+        # ... and they are the softmax of the rounded scores, up to the kernels' rounding
+        # (the within-block scores come from a batched matmul, which may round differently).
+        target = softmax(rounded[row])[drawn]
+        np.testing.assert_allclose(p, target, rtol=0.35)
     # The rounding is visible: the scores differ from the float32 ones.
     assert np.max(np.abs(rounded - exact)[np.isfinite(exact)]) > 1e-3
 

@@ -1,4 +1,4 @@
-"""Tests of the planted-structure synthetic corpus (`tfnegcache.datasets.synthetic`)."""
+"""Tests of the planted-structure synthetic corpus (`benchmarks.synthetic`)."""
 
 import time
 
@@ -8,8 +8,8 @@ from scipy import stats
 
 import tfnegcache  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
 import tensorflow as tf
-from tfnegcache.datasets import synthetic
-from tfnegcache.datasets.synthetic import make_corpus, token_overlap
+from benchmarks import synthetic
+from benchmarks.synthetic import make_corpus, token_overlap
 
 QUERY_KEYS = ("query_tokens", "candidate_id", "candidate_tokens", "sampling_probability")
 

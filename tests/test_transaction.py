@@ -21,7 +21,7 @@ def full_state(model):
     for i, v in enumerate(model.optimizer.variables()):
         state[f"optimizer/{i}:{v.name}"] = v.numpy()
     for i, cache in enumerate(c for task in model.cache_tasks()
-                              for c in task.cache.local_caches()):
+                              for c in task.cache.stores()):
         keys, values = (t.numpy() for t in cache.index.export())
         order = np.argsort(keys)
         state[f"index{i}/keys"], state[f"index{i}/slots"] = keys[order], values[order]

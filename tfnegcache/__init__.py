@@ -3,12 +3,17 @@
 The method of Lindgren et al., "Efficient Training of Retrieval Models using Negative Cache"
 (NeurIPS 2021), as a drop-in for `tfrs.tasks.Retrieval`:
 
-- `NegativeCache`: the cache of candidate features, stale embeddings and ids, and its one
-  write transaction per step (`cache.py`); `ShardedNegativeCache`: one shard per replica
-  (`sharded.py`);
-- `sample_cache` / `gumbel_max_sample`: exact Gumbel-Max sampling from it (`sampling.py`);
-- `CacheRetrieval`: the retrieval task with the cached softmax loss (`retrieval.py`);
-- `CachedRetrievalModel`: the `tfrs.Model` whose `train_step` keeps the cache (`model.py`).
+- `NegativeCache` (`cache.py`), `ShardedNegativeCache` (`sharded.py`): the cache, replicated
+  or one shard per replica, over `CacheStore`s (`store.py`: variables, id index, the
+  transaction) with the FIFO insert rule in `fifo.py` and the checks of its inputs in
+  `spec.py`;
+- `scoring.py`, `sampling.py`: the tiled log-mass and exact Gumbel-Max draws from it;
+- `negatives.py`: what a step draws and the cache's logit (`Gumbel`, `Uniform`);
+- `CacheRetrieval` (`retrieval.py`): the TFRS task plus the cache's column;
+- `run_step` (`step.py`): loss -> gradients -> prepare -> guard -> optimizer -> commit, and
+  `CachedRetrievalModel` (`model.py`), the `tfrs.Model` whose `train_step` is it;
+- `refresh.py` (warm start, full refresh, the callback), `restore.py` (checkpoint checks),
+  `distribute.py` (collectives), `export.py` (serving).
 
 TFRS needs Keras 2, so importing this package sets `TF_USE_LEGACY_KERAS=1` when TensorFlow is
 not imported yet, and fails with a clear message if TensorFlow already runs Keras 3. The names
@@ -31,8 +36,8 @@ __version__ = "0.1.0"
 
 # Public name -> the submodule that defines it.
 _EXPORTS = {
-    "CacheDraw": "tfnegcache.sampling",
-    "CacheNegatives": "tfnegcache.cache",
+    "Cache": "tfnegcache.cache",
+    "CacheNegatives": "tfnegcache.negatives",
     "CacheRefreshCallback": "tfnegcache.refresh",
     "CacheRetrieval": "tfnegcache.retrieval",
     "CacheUpdate": "tfnegcache.cache",
@@ -40,15 +45,18 @@ _EXPORTS = {
     "NegativeCache": "tfnegcache.cache",
     "ShardedCacheBackup": "tfnegcache.sharded",
     "ShardedNegativeCache": "tfnegcache.sharded",
-    "gumbel_max_sample": "tfnegcache.sampling",
-    "sample_cache": "tfnegcache.sampling",
     "check_checkpoint": "tfnegcache.restore",
+    "gumbel_max_sample": "tfnegcache.sampling",
+    "run_step": "tfnegcache.step",
+    "sample_cache": "tfnegcache.sampling",
     "warm_start": "tfnegcache.refresh",
 }
 
-# Submodules reachable as attributes (`tfnegcache.retrieval.MIN_FLOAT`) without their own import.
-_SUBMODULES = ("cache", "checks", "datasets", "distribute", "experiments", "export", "model",
-               "refresh", "restore", "retrieval", "sampling", "sharded")
+# Submodules reachable as attributes (`tfnegcache.negatives.MIN_FLOAT`) without their own
+# import.
+_SUBMODULES = ("cache", "checks", "distribute", "export", "fifo", "model", "negatives",
+               "refresh", "restore", "retrieval", "sampling", "scoring", "sharded", "spec",
+               "step", "store")
 
 __all__ = sorted(_EXPORTS)
 

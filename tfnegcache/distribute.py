@@ -13,9 +13,6 @@ from typing import Optional
 
 import tensorflow as tf
 
-LAYOUTS = ("replicated", "sharded")
-
-
 def replica_context() -> Optional[tf.distribute.ReplicaContext]:
     """The current replica context under a strategy with more than one replica, else None."""
     if not tf.distribute.has_strategy():
@@ -46,14 +43,6 @@ def replica_id() -> int:
 def num_replicas() -> int:
     ctx = replica_context()
     return 1 if ctx is None else ctx.num_replicas_in_sync
-
-
-def num_local_replicas(strategy=None) -> int:
-    """Replicas on this worker (devices this process drives)."""
-    strategy = strategy or tf.distribute.get_strategy()
-    if not tf.distribute.has_strategy():
-        return 1
-    return len(strategy.extended.worker_devices)
 
 
 def replica_seed(seed: tf.Tensor) -> tf.Tensor:
@@ -155,14 +144,6 @@ def run_once(fn, structure) -> None:
         fn(tf.nest.map_structure(lambda x: _first_local(strategy, x), value))
 
     ctx.merge_call(merge_fn, args=(structure,))
-
-
-def replica_values(variable):
-    """Every local copy of a (possibly mirrored) variable, as numpy arrays."""
-    values = getattr(variable, "values", None)
-    if values is None:
-        return [variable.numpy()]
-    return [v.numpy() for v in values]
 
 
 def worker_index() -> int:

@@ -13,7 +13,7 @@ whole corpus:
 
 (the input's name and dtype are `input_name` / `input_spec`; the output ids have the dtype of
 `candidate_ids`). Out-of-vocabulary queries are whatever the query tower makes of them: for the
-MovieLens towers of `tfnegcache.experiments.movielens`, an unknown user id maps to the
+MovieLens towers of `tfnegcache_examples.movielens`, an unknown user id maps to the
 `StringLookup`'s single OOV index, whose embedding is never trained, so every unknown user gets
 the same, non-personalised top k (well-formed ids and finite scores, no error).
 

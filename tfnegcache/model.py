@@ -1,59 +1,72 @@
-"""`CachedRetrievalModel`: a `tfrs.Model` whose training step also keeps the negative cache."""
+"""`CachedRetrievalModel`: a `tfrs.Model` whose training step also keeps its negative caches."""
 
-import contextlib
 from typing import Dict, List
 
 import tensorflow as tf
 import tensorflow_recommenders as tfrs
 
-from tfnegcache import checks, distribute, restore
+from tfnegcache import distribute, restore, step
 from tfnegcache.retrieval import CacheRetrieval
 
 
 class CachedRetrievalModel(tfrs.Model):
-    """A `tfrs.Model` that updates the negative caches of its `CacheRetrieval` tasks.
+    """A `tfrs.Model` whose `train_step` also updates the caches of its `CacheRetrieval` tasks.
 
-    Write it exactly as a `tfrs.Model`: build the towers and a `CacheRetrieval` task in
-    `__init__`, and implement `compute_loss`. `train_step` then:
+    Write it as a `tfrs.Model`: the towers and a `CacheRetrieval` task in `__init__`, and
+    `compute_loss`. `train_step` is `tfnegcache.step.run_step` over that loss: the tasks draw
+    negatives and record their cache updates, every write is prepared and checked, and only
+    then do the optimizer and the caches change. A failed check raises
+    `tf.errors.InvalidArgumentError` naming what was wrong, with every weight, optimizer slot
+    and cache as before the step. `evaluate` and `predict` never draw or change a cache.
+    Training logs add `cache_staleness` (mean `||e - v||^2 / ||v||^2` of the re-encoded
+    negatives) and `cache_fill`. The caches' variables are model weights; `load_weights`
+    checks a saved cache's spec before restoring and rebuilds its id index after.
 
-    1. runs `compute_loss` with the tasks in training mode: each draws its negatives from the
-       cache, re-encodes them (and its `refresh_per_step` random slots), and records a
-       `CacheUpdate`;
-    2. computes every write of the step and checks it, reading but not writing: the loss and
-       every gradient are finite, every embedding to be written is finite, and row counts
-       match (also when the batch dimension is only known at run time);
-    3. only then applies the optimizer step and each cache's writes (write-back of the
-       re-encoded negatives, FIFO insert of the batch's candidates, the refresh) and
-       advances the cache's step.
+    Example:
 
-    A step is all-or-nothing: when a check fails, the step raises
-    `tf.errors.InvalidArgumentError` naming what was wrong (e.g. "the gradient of
-    `candidate_tower/embedding/embeddings:0` has NaN or Inf"), and every weight, optimizer
-    slot, cache variable and the id index are as they were before it. Restore nothing, fix
-    the input, and call `fit` again.
-
-    `test_step` (so `evaluate`) and `predict` never draw or change the cache. Besides TFRS's
-    `loss`, `regularization_loss` and `total_loss`, training logs carry `cache_staleness`
-    (mean `||e - v||^2 / ||v||^2` of the re-encoded negatives over the epoch) and
-    `cache_fill` (the fraction of slots in use after the step). The cache's variables are
-    weights of the model, so `save_weights`, `tf.train.Checkpoint` and `ModelCheckpoint` keep
-    them (see `load_weights` for what a restore checks).
+    >>> class Model(tfnegcache.CachedRetrievalModel):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.users = tf.keras.layers.Embedding(10, 4)
+    ...         self.items = tf.keras.layers.Embedding(100, 4)
+    ...         self.task = tfnegcache.CacheRetrieval(
+    ...             cache=tfnegcache.NegativeCache(
+    ...                 64, {"item": tf.TensorSpec([], tf.int64)}, embedding_dim=4),
+    ...             candidate_model=lambda f: self.items(f["item"]))
+    ...     def compute_loss(self, batch, training=False):
+    ...         item = batch["item"]
+    ...         return self.task(self.users(batch["user"]), self.items(item),
+    ...                          candidate_ids=item, candidate_features={"item": item})
+    >>> model = Model()
+    >>> model.compile(optimizer=tf.keras.optimizers.Adagrad(0.1))
+    >>> data = tf.data.Dataset.from_tensor_slices(
+    ...     {"user": tf.range(32) % 10, "item": tf.range(32, dtype=tf.int64)}).batch(8)
+    >>> sorted(model.fit(data, epochs=1, verbose=0).history)[:2]
+    ['cache_fill', 'cache_staleness']
     """
 
     def cache_tasks(self) -> List[CacheRetrieval]:
-        """The model's `CacheRetrieval` tasks that have a cache."""
-        return [layer for layer in self._flatten_layers(include_self=False)
-                if isinstance(layer, CacheRetrieval) and layer.cache is not None]
+        """The model's `CacheRetrieval` tasks that have a cache.
 
-    @contextlib.contextmanager
-    def _tasks_in_training(self, tasks):
+        Raises:
+          ValueError: two tasks share one cache (their updates would corrupt it).
+        """
+        tasks = [layer for layer in self._flatten_layers(include_self=False)
+                 if isinstance(layer, CacheRetrieval) and layer.cache is not None]
+        owners = {}
         for task in tasks:
-            task.in_train_step = True
-        try:
-            yield
-        finally:
-            for task in tasks:
-                task.in_train_step = False
+            other = owners.setdefault(id(task.cache), task)
+            if other is not task:
+                raise ValueError(
+                    f"The tasks {other.name!r} and {task.name!r} share the cache "
+                    f"{task.cache.name!r}: each would plan its inserts from the same state "
+                    "in every step, and the cache would be corrupted. Give each "
+                    "CacheRetrieval task its own cache.")
+        return tasks
+
+    def compile(self, *args, **kwargs):
+        self.cache_tasks()   # refuses shared caches before anything is built
+        return super().compile(*args, **kwargs)
 
     def _cache_logs(self, tasks) -> Dict[str, tf.Tensor]:
         logs = {}
@@ -64,40 +77,29 @@ class CachedRetrievalModel(tfrs.Model):
 
     def train_step(self, inputs):
         tasks = self.cache_tasks()
-        for task in tasks:
-            task.cache.begin_step()
-        with tf.GradientTape() as tape:
-            with self._tasks_in_training(tasks):
-                loss = self.compute_loss(inputs, training=True)
-            regularization_loss = tf.reduce_sum([tf.reduce_sum(l) for l in self.losses])
-            total_loss = loss + regularization_loss
-        gradients = tape.gradient(total_loss, self.trainable_variables)
+        parts = {}
 
-        # One transaction (docs/algorithm.md step 6): every write of the step is computed and
-        # checked before the first one is applied; after that nothing can fail on the data.
-        writes = []
-        for task in tasks:
-            update = task.pop_update()
-            if update is not None:
-                writes.append((task.cache, task.cache.prepare(update)))
-        guards = [checks.finite(total_loss, "the loss")]
-        guards += [checks.finite(g, f"the gradient of `{v.name}`")
-                   for g, v in zip(gradients, self.trainable_variables) if g is not None]
-        for _, prepared in writes:
-            guards += prepared.checks
-        with tf.control_dependencies(guards):
-            applied = self.optimizer.apply_gradients(zip(gradients, self.trainable_variables))
-        with tf.control_dependencies(guards + ([applied] if applied is not None else [])):
-            for cache, prepared in writes:
-                cache.commit(prepared)
+        def total_loss():
+            parts["loss"] = self.compute_loss(inputs, training=True)
+            parts["regularization"] = tf.reduce_sum([tf.reduce_sum(l) for l in self.losses])
+            return parts["loss"] + parts["regularization"]
 
+        step.run_step(total_loss, lambda: self.trainable_variables, self.optimizer)
         metrics = {metric.name: metric.result() for metric in self.metrics}
         # Each replica's loss covers its share of the global batch (summed, as the gradients).
-        metrics["loss"] = distribute.all_reduce_sum(loss)
-        metrics["regularization_loss"] = regularization_loss
-        metrics["total_loss"] = metrics["loss"] + regularization_loss
+        metrics["loss"] = distribute.all_reduce_sum(parts["loss"])
+        metrics["regularization_loss"] = parts["regularization"]
+        metrics["total_loss"] = metrics["loss"] + parts["regularization"]
         metrics.update(self._cache_logs(tasks))
         return metrics
+
+    def test_step(self, inputs):
+        logs = super().test_step(inputs)
+        logs["loss"] = distribute.all_reduce_sum(logs["loss"])
+        logs["total_loss"] = logs["loss"] + logs["regularization_loss"]
+        for task in self.cache_tasks():
+            logs.pop(task.staleness.name, None)
+        return logs
 
     def save_weights(self, filepath, overwrite=True, save_format=None, options=None):
         """`tf.keras.Model.save_weights`, refusing `.h5` for a cache that holds strings (the
@@ -108,20 +110,15 @@ class CachedRetrievalModel(tfrs.Model):
                                     options=options)
 
     def load_weights(self, filepath, skip_mismatch=False, by_name=False, options=None):
-        """`tf.keras.Model.load_weights`, with the cache checked first and its index rebuilt.
-
-        Before anything is restored, every cache saved in the file is compared with the
-        model's (layout, size, feature names, shapes and dtypes, embedding dim and dtype, id
-        dtype): a mismatch raises ValueError naming both. After the restore each cache's
-        id-to-slot index is rebuilt from its restored ids, so the `.h5` format, which keeps
-        variables only, restores a working cache too.
-        """
-        restore.check_weights_file(self, filepath)
+        """`tf.keras.Model.load_weights`, with every saved cache's spec checked first (a
+        mismatch raises ValueError naming both, nothing restored) and the id indexes rebuilt
+        after (so formats that keep variables only restore a working cache)."""
+        restore.check_checkpoint(self, filepath)
         status = super().load_weights(filepath, skip_mismatch=skip_mismatch, by_name=by_name,
                                       options=options)
         for task in self.cache_tasks():
-            for cache in task.cache.local_caches():
-                cache.rebuild_index()
+            for store in task.cache.stores():
+                store.rebuild_index()
         return status
 
     @property
@@ -132,11 +129,3 @@ class CachedRetrievalModel(tfrs.Model):
     @distribute_reduction_method.setter
     def distribute_reduction_method(self, value):
         self._distribute_reduction_method = value
-
-    def test_step(self, inputs):
-        logs = super().test_step(inputs)
-        logs["loss"] = distribute.all_reduce_sum(logs["loss"])
-        logs["total_loss"] = logs["loss"] + logs["regularization_loss"]
-        for task in self.cache_tasks():
-            logs.pop(task.staleness.name, None)
-        return logs

@@ -1,29 +1,19 @@
-"""Refresh policies for the negative cache: the paper's knobs beyond write-back.
+"""Keeping cached embeddings fresh, beyond the write-back of every step.
 
-A cached embedding `e_j` was computed by the candidate tower at some earlier step; the
-gradient estimator's only bias is how far `e_j` is from `g(x_j)` under the current weights
-(docs/algorithm.md step 5). Policies that shrink that gap, composable with each other:
+A cached embedding `e_j` was computed by the candidate tower at some earlier step; how far it
+is from `g(x_j)` under the current weights is what the cache's estimator must correct for
+(docs/algorithm.md step 5). What shrinks that gap:
 
-- **write-back** (the default, in `CacheRetrieval`): the negatives re-encoded for the loss
-  are written back, so the slots the sampler favours (the hard ones) stay fresh for free.
-- **random refresh** (`CacheRetrieval(refresh_per_step=R)`): each training step, R filled
-  slots chosen uniformly at random without replacement are re-encoded from their cached
-  features by the task's candidate tower, without gradients, and written with the step's
-  other cache writes (refresh rate `R / N`; the paper's theory says a small rate keeps
-  first-order convergence). They are encoded with the weights before the step's optimizer
-  update, like the batch's inserted positives, so a step's writes are checked before any of
-  them is applied. The choice is stateless: a function of (cache seed, cache step), like the
-  sampler's noise.
-- **full refresh** (`CacheRefreshCallback`): every K steps and/or at each epoch end, every
-  filled slot is re-encoded, `batch_size` slots per tower call.
-- **warm start** (`warm_start`): fill the cache from a candidate dataset (e.g. the whole
-  movie table) before training, through `NegativeCache.insert` (dataset order, id dedupe).
+- write-back (the default, in `CacheRetrieval`): the re-encoded negatives are written back,
+  so the slots the sampler favours stay fresh for free;
+- the random refresh (`CacheRetrieval(refresh_per_step=R)`): R random filled slots per step,
+  re-encoded with the weights the step starts from and written with the step's other writes;
+- a full refresh (`Cache.refresh_all`, `CacheRefreshCallback`): every filled slot,
+  `batch_size` per tower call;
+- a warm start (`Cache.warm_start`): the cache filled from the candidate table before
+  training.
 
-The writes themselves are the cache's (`NegativeCache.refresh`, `refresh_all`,
-`warm_start`); this module holds the policies and the callback.
-
-Everything here is O(tower work on the slots touched); nothing holds an `[N, ...]` tower
-pass beyond one batch.
+Each function here takes a `tfnegcache.cache.Cache` and writes through its transaction.
 """
 
 from typing import Callable, Mapping, Optional
@@ -31,42 +21,109 @@ from typing import Callable, Mapping, Optional
 import tensorflow as tf
 
 from tfnegcache import checks
-from tfnegcache.cache import refresh_seed  # noqa: F401  (re-exported)
+from tfnegcache.store import CacheUpdate
 
 Encoder = Callable[[Mapping[str, tf.Tensor]], tf.Tensor]
 
 
-def choose_refresh_slots(cache, num_slots: int, seed: Optional[tf.Tensor] = None) -> tf.Tensor:
-    """`min(num_slots, filled)` distinct filled slots of `cache`, uniformly at random, int64
-    `[R']`; see `NegativeCache.random_filled_slots`."""
-    return cache.random_filled_slots(num_slots, seed)
+def encode(store, slots: tf.Tensor, encoder: Encoder) -> tf.Tensor:
+    """`encoder`'s embeddings of the cached features of `slots` in `store`, `[M, d]`, no
+    gradient."""
+    features, _, _ = store.gather(slots)
+    embeddings = tf.convert_to_tensor(encoder(features))
+    return tf.stop_gradient(store.spec.check_embeddings(embeddings, "encoder output"))
+
+
+def refresh_slots(cache, slots: tf.Tensor, encoder: Encoder) -> None:
+    """Re-encodes `slots` from their cached features and writes the embeddings; empty slots
+    are skipped, nothing else changes."""
+    (store,) = cache.stores()
+    slots = tf.cast(tf.reshape(slots, [-1]), tf.int64)
+    cache.write_embeddings(slots, encode(store, slots, encoder))
 
 
 def refresh_all(cache, encoder: Encoder, batch_size: int = 1024) -> int:
-    """Re-encodes every filled slot (of every shard), `batch_size` slots per tower call;
-    returns the count."""
-    return cache.refresh_all(encoder, batch_size)
+    """Re-encodes every filled slot of every store of `cache`, `batch_size` per encoder call
+    (one traced function per store and chunk shape); returns the count.
+
+    A chunk is written when it is encoded: if the encoder fails (or returns a non-finite row)
+    in a later chunk, the chunks before it stay refreshed. Every row is then either its old
+    value or the fresh one, and the id index is untouched.
+    """
+    batch_size = min(checks.integer("batch_size", batch_size, 1), cache.spec.size)
+    total = 0
+    for store in cache.stores():
+        memo = store.__dict__.setdefault("_refreshers", {})
+        key = (id(encoder), batch_size)
+        if key not in memo:
+            @tf.function
+            def refresh_chunk(start, store=store):
+                slots = start + tf.range(batch_size, dtype=tf.int64)
+                valid = slots < store.num_filled
+                slots = tf.minimum(slots, store.spec.size - 1)
+                store.write(CacheUpdate(write_back_slots=slots, write_back_valid=valid,
+                                        write_back_embeddings=encode(store, slots, encoder)))
+
+            memo[key] = refresh_chunk
+        filled = int(store.num_filled.numpy())
+        for start in range(0, filled, batch_size):
+            memo[key](tf.constant(start, tf.int64))
+        total += filled
+    return total
 
 
-def warm_start(cache, dataset: tf.data.Dataset, candidate_model: Encoder,
-               id_key: str = "id", batch_size: int = 1024, batched: bool = False) -> int:
-    """Fills `cache` from a candidate dataset before training; returns rows read. See
-    `NegativeCache.warm_start`."""
-    return cache.warm_start(dataset, candidate_model, id_key=id_key, batch_size=batch_size,
-                            batched=batched)
+def warm_start(cache, dataset: tf.data.Dataset, candidate_model: Encoder, id_key: str = "id",
+               batch_size: int = 1024, batched: bool = False) -> int:
+    """Fills `cache` from a candidate dataset before training; returns rows read.
+
+    Each element is a dict of one candidate's features (or of `[M, ...]` rows when
+    `batched`) with every key of the cache's `feature_spec` plus the id under `id_key`.
+    Candidates are encoded by `candidate_model` with the current weights and inserted in
+    dataset order (FIFO over distinct ids); the cache's step does not advance. Each batch is
+    one transaction: a batch with a bad row (say a NaN embedding) raises and writes nothing,
+    and the batches before it stay inserted.
+
+    Args:
+      dataset: candidates, e.g. the movie table as a `tf.data.Dataset`.
+      candidate_model: the candidate tower, mapping a feature dict to `[M, d]`.
+      id_key: the element key holding the candidate id.
+      batch_size: candidates per tower call and insert (capped at the cache size).
+      batched: whether `dataset` already yields batches.
+    """
+    batch_size = min(checks.integer("batch_size", batch_size, 1), cache.spec.size)
+    if not batched:
+        dataset = dataset.batch(batch_size)
+    elif batch_size < cache.spec.size:
+        dataset = dataset.unbatch().batch(batch_size)
+
+    @tf.function
+    def insert(element):
+        features = cache.spec.check_features(element, what="warm_start dataset element")
+        embeddings = tf.stop_gradient(tf.convert_to_tensor(candidate_model(features)))
+        cache.insert(features, embeddings, element[id_key])
+        return tf.shape(embeddings)[0]
+
+    rows = 0
+    for element in dataset:
+        if id_key not in element:
+            raise ValueError(
+                f"warm_start: dataset elements must hold the candidate id under `id_key` "
+                f"({id_key!r}). Received keys: {sorted(element)}.")
+        rows += int(insert(element))
+    return rows
 
 
 class CacheRefreshCallback(tf.keras.callbacks.Callback):
     """Re-encodes every filled slot of the model's caches every K steps and/or per epoch.
 
-    A full refresh makes every cached embedding equal to the current tower's output (zero
-    staleness) at the cost of `N` candidate-tower forward passes, in chunks of `batch_size`.
-    Empty slots are left untouched. Works with any model exposing `cache_tasks()`
-    (`CachedRetrievalModel`); each task's `candidate_model` is the encoder.
+    A full refresh makes every cached embedding the current tower's (zero staleness) for `N`
+    candidate-tower forward passes, `batch_size` at a time; empty slots are untouched. Works
+    with any model exposing `cache_tasks()` (`CachedRetrievalModel`); each task's
+    `candidate_model` is the encoder.
 
     Args:
-      every_n_steps: refresh after every K-th training batch (counted over the whole `fit`
-        run), or None.
+      every_n_steps: refresh after every K-th training step (counted over the whole `fit`,
+        also with `compile(steps_per_execution=...)`), or None.
       at_epoch_end: refresh at the end of each epoch.
       batch_size: slots per tower call.
     """
@@ -78,7 +135,8 @@ class CacheRefreshCallback(tf.keras.callbacks.Callback):
         self.at_epoch_end = bool(at_epoch_end)
         self.batch_size = checks.integer("batch_size", batch_size, 1)
         self.refreshes = 0
-        self._steps = 0
+        self._steps = 0        # training steps done in this fit, at the last batch end
+        self._epoch_start = 0
 
     def refresh(self) -> None:
         """Re-encodes every filled slot of every cache of the model now."""
@@ -86,10 +144,20 @@ class CacheRefreshCallback(tf.keras.callbacks.Callback):
             refresh_all(task.cache, task.candidate_model, self.batch_size)
         self.refreshes += 1
 
+    def on_train_begin(self, logs=None):
+        self._steps = self._epoch_start = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch_start = self._steps
+
     def on_train_batch_end(self, batch, logs=None):
-        self._steps += 1
-        if self.every_n_steps is not None and self._steps % self.every_n_steps == 0:
+        # `batch` is the index of the last step run (steps_per_execution runs several per
+        # call): count steps, not calls.
+        steps = self._epoch_start + batch + 1
+        if self.every_n_steps is not None and \
+                steps // self.every_n_steps > self._steps // self.every_n_steps:
             self.refresh()
+        self._steps = steps
 
     def on_epoch_end(self, epoch, logs=None):
         if self.at_epoch_end:

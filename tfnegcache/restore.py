@@ -2,7 +2,7 @@
 
 A cache's spec (layout, size, feature names, shapes and dtypes, embedding dim and dtype, id
 dtype) is what its variables' names, shapes and dtypes say, so a checkpoint carries it without
-extra state. `check_weights_file` reads the spec of every cache saved in a weights file
+extra state. `check_checkpoint` reads the spec of every cache saved in a weights file
 (TensorFlow checkpoint or `.h5`) and compares it with the model's caches before anything is
 restored. `CachedRetrievalModel.save_weights` / `load_weights` use these.
 """
@@ -39,11 +39,11 @@ def _spec_of(variables: Dict[str, Tuple[tuple, tf.DType]]) -> Optional[dict]:
 
 def cache_spec(cache) -> dict:
     """The spec of a `NegativeCache` or `ShardedNegativeCache` as built."""
-    local = cache.local_caches()
-    prefix = local[0].name + "/"
+    stores = cache.stores()
+    prefix = stores[0].name + "/"
     spec = _spec_of({v.name[v.name.index(prefix) + len(prefix):].rsplit(":", 1)[0]:
-                     (tuple(v.shape), v.dtype) for v in local[0].weights})
-    spec["layout"] = "replicated" if local == [cache] else "sharded"
+                     (tuple(v.shape), v.dtype) for v in stores[0].weights})
+    spec["layout"] = "replicated" if stores == [cache] else "sharded"
     return spec
 
 
@@ -63,14 +63,12 @@ def _paths(model) -> List[Tuple[object, str]]:
     """Each cache of the model with its object path in a TensorFlow checkpoint."""
     # pylint: disable=g-import-not-at-top
     from tensorflow.python.checkpoint import graph_view
-    from tfnegcache.cache import NegativeCache
-    from tfnegcache.sharded import ShardedNegativeCache
+    from tfnegcache.cache import Cache
 
     _, paths = graph_view.ObjectGraphView(model).breadth_first_traversal()
     found = []
     for obj, refs in paths.items():
-        if isinstance(obj, ShardedNegativeCache) or (
-                isinstance(obj, NegativeCache) and not obj._per_replica):  # pylint: disable=protected-access
+        if isinstance(obj, Cache):
             path = "/".join(ref.name.replace(".", "..").replace("/", ".S") for ref in refs)
             found.append((obj, path))
     return found
@@ -124,12 +122,12 @@ def _saved_h5(filepath, model) -> Dict[str, Optional[dict]]:
     return {name: _combine(g) for name, g in groups.items()}
 
 
-def check_weights_file(model, filepath) -> None:
+def check_checkpoint(model, filepath) -> None:
     """Raises ValueError, naming both specs, when a cache saved in the weights file `filepath`
     differs from the cache at the same place under `model`; reads the file, changes nothing.
 
     `model` is any root of a checkpoint: a Keras model (`load_weights` calls this), or the
-    `tf.train.Checkpoint` about to `restore(filepath)`.
+    `tf.train.Checkpoint` about to `restore(filepath)` (call it first).
     """
     caches = _paths(model)
     if not caches:
@@ -154,7 +152,7 @@ def check_weights_file(model, filepath) -> None:
 def check_h5_savable(model, filepath) -> None:
     """Raises ValueError before writing when a cache holds strings, which `.h5` cannot."""
     for cache, _ in _paths(model):
-        strings = sorted({v.name for local in cache.local_caches() for v in local.weights
+        strings = sorted({v.name for store in cache.stores() for v in store.weights
                           if v.dtype == tf.string})
         if strings:
             raise ValueError(
@@ -162,10 +160,3 @@ def check_h5_savable(model, filepath) -> None:
                 f"{cache.name!r} holds {strings}. Save in the TensorFlow format instead (a "
                 f"path without .h5, e.g. {os.path.splitext(os.fspath(filepath))[0]!r}), which "
                 "also keeps the cache's id index.")
-
-
-def check_checkpoint(root, path) -> None:
-    """Before `tf.train.Checkpoint(...).restore(path)`: raises ValueError, naming both
-    specs, when a cache under `root` (the `tf.train.Checkpoint` or model) differs from the
-    one saved at `path`. `CachedRetrievalModel.load_weights` does this itself."""
-    check_weights_file(root, path)

@@ -52,7 +52,7 @@ from typing import TYPE_CHECKING, Callable, Dict, List, Mapping, Optional, Seque
 
 import numpy as np
 
-from tfnegcache._extras import import_extra
+from tfnegcache_examples._extras import import_extra
 
 if TYPE_CHECKING:
     import tensorflow as tf

@@ -37,9 +37,9 @@ import tensorflow as tf
 import tensorflow_recommenders as tfrs
 
 import tfnegcache
-from tfnegcache._extras import import_extra
-from tfnegcache.datasets import movielens
-from tfnegcache.experiments import STRATEGIES
+from tfnegcache_examples._extras import import_extra
+from tfnegcache_examples import movielens_data as movielens
+from tfnegcache_examples import STRATEGIES
 
 TITLE_LEN = 8
 NUM_GENRES = len(movielens.GENRES)

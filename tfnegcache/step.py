@@ -1,0 +1,115 @@
+"""One training step with negative caches: loss -> gradients -> prepare -> one guard ->
+optimizer -> commit (docs/algorithm.md, step 6).
+
+`run_step` is the step. It opens a `TrainingStep`, the record that the step's
+`CacheRetrieval` tasks find with `current()`: a task numbers its draws with it and records
+the cache update it asks for. After the gradients, every recorded update is prepared (every
+row computed and checked, nothing written); the loss, every gradient and every prepared row
+must be finite and well-formed before the optimizer or any cache changes. A failed check
+raises with nothing changed.
+
+`CachedRetrievalModel.train_step` is `run_step` over the model's loss; a custom training
+loop calls `run_step` with its own loss function, variables and optimizer.
+"""
+
+import contextlib
+import contextvars
+from typing import Callable, Dict, List, Optional, Tuple
+
+import tensorflow as tf
+
+from tfnegcache import checks
+
+_CURRENT = contextvars.ContextVar("tfnegcache_training_step", default=None)
+
+
+class TrainingStep:
+    """What one training step's tasks share with the step: the numbering of their draws and
+    the cache updates they ask for, in order."""
+
+    def __init__(self) -> None:
+        self.updates: List[Tuple[object, object, str]] = []   # (cache, CacheUpdate, task)
+        self._draws: Dict[int, int] = {}
+
+    def next_draw(self, cache) -> int:
+        """The index of the next draw from `cache` in this step (0, 1, ...)."""
+        index = self._draws.get(id(cache), 0)
+        self._draws[id(cache)] = index + 1
+        return index
+
+    def record(self, cache, update, task_name: str) -> None:
+        """Records `update` of `cache`, asked by the task `task_name`.
+
+        Raises:
+          ValueError: another task already asked to update this cache in this step (two
+            tasks would plan their inserts from the same state and corrupt it).
+        """
+        for other, _, name in self.updates:
+            if other is cache:
+                raise ValueError(
+                    f"The tasks {name!r} and {task_name!r} both draw from and write to the "
+                    f"cache {cache.name!r} in one training step: each would plan its inserts "
+                    "from the same state, and the cache would be corrupted. Give each "
+                    "CacheRetrieval task its own cache.")
+        self.updates.append((cache, update, task_name))
+
+
+def current() -> Optional[TrainingStep]:
+    """The training step being run in this context, or None (evaluation, prediction)."""
+    return _CURRENT.get()
+
+
+@contextlib.contextmanager
+def recording():
+    """Opens a `TrainingStep` for the tasks called inside (what `run_step` does)."""
+    step = TrainingStep()
+    token = _CURRENT.set(step)
+    try:
+        yield step
+    finally:
+        _CURRENT.reset(token)
+
+
+def apply(step: TrainingStep, loss: tf.Tensor, gradients, variables, optimizer):
+    """Prepares the step's cache updates, then applies the gradients and the updates behind
+    one guard: the loss, every gradient and every prepared row must pass their checks first.
+
+    Returns:
+      The optimizer's update op (or None).
+    """
+    prepared = [(cache, cache.prepare(update)) for cache, update, _ in step.updates]
+    guards = [checks.finite(loss, "the loss")]
+    guards += [checks.finite(g, f"the gradient of `{v.name}`")
+               for g, v in zip(gradients, variables) if g is not None]
+    for _, writes in prepared:
+        guards += writes.checks
+    with tf.control_dependencies(guards):
+        applied = optimizer.apply_gradients(zip(gradients, variables))
+    with tf.control_dependencies(guards + ([applied] if applied is not None else [])):
+        for cache, writes in prepared:
+            cache.commit(writes)
+    return applied
+
+
+def run_step(compute_loss: Callable[[], tf.Tensor], variables, optimizer) -> tf.Tensor:
+    """One all-or-nothing training step of a loss whose `CacheRetrieval` tasks draw from
+    caches.
+
+    Args:
+      compute_loss: a function of no arguments returning the scalar loss to minimise (it
+        calls the tasks).
+      variables: the trainable variables, or a function returning them (read after the
+        loss, so that layers built by their first call are included).
+      optimizer: applies the gradients.
+
+    Returns:
+      The loss.
+    """
+    with recording() as step:
+        with tf.GradientTape() as tape:
+            loss = compute_loss()
+    if callable(variables):
+        variables = variables()
+    gradients = tape.gradient(loss, variables)
+    apply(step, loss, gradients, variables, optimizer)
+    return loss
