@@ -1,4 +1,5 @@
-"""Importing tfnegcache selects Keras 2, or says clearly why it cannot."""
+"""Importing tfnegcache selects Keras 2 for TensorFlow imported after it, or its first use says
+clearly why it cannot."""
 
 import os
 import subprocess
@@ -18,8 +19,9 @@ def test_import_first_selects_keras_2_for_tfrs():
     assert result.stdout.split() == ["1", "tf_keras.src.engine.base_layer"]
 
 
-def test_import_after_keras_3_fails_with_the_fix():
-    result = run("import tensorflow as tf\ntf.keras.layers\nimport tfnegcache")
+def test_use_after_keras_3_fails_with_the_fix():
+    result = run("import tensorflow as tf\ntf.keras.layers\nimport tfnegcache\n"
+                 "tfnegcache.CacheRetrieval")
     assert result.returncode != 0
     assert "ImportError: tfnegcache requires tf.keras to be Keras 2" in result.stderr
     assert "TF_USE_LEGACY_KERAS=1" in result.stderr

@@ -15,22 +15,24 @@ The method of Lindgren et al., "Efficient Training of Retrieval Models using Neg
 - `refresh.py` (warm start, full refresh, the callback), `restore.py` (checkpoint checks),
   `distribute.py` (collectives), `export.py` (serving).
 
-TFRS needs Keras 2, so importing this package sets `TF_USE_LEGACY_KERAS=1` when TensorFlow is
-not imported yet, and fails with a clear message if TensorFlow already runs Keras 3. The names
-above are loaded, with TensorFlow, on first use: `import tfnegcache` alone stays cheap, so that
-`python -m tfnegcache --help` and its argument errors need no TensorFlow.
+TFRS needs Keras 2, so importing this package sets `TF_USE_LEGACY_KERAS=1` just before
+TensorFlow is imported (unless the Keras 3 front end, `tfnegcache.keras3`, is in use), and the
+first use of a name above fails with a clear message if TensorFlow already runs Keras 3. The
+names are loaded, with TensorFlow, on first use: `import tfnegcache` alone stays cheap, so
+that `python -m tfnegcache --help` and its argument errors need no TensorFlow.
 """
 
 import importlib
-import os
 import sys
 
 from tfnegcache._keras_guard import ensure_legacy_keras
 
-if "tensorflow" in sys.modules:
-    ensure_legacy_keras()  # TensorFlow already runs: check its Keras now, not on first use.
-else:
-    os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+from tfnegcache._keras_guard import defer_until_tensorflow
+
+if "tensorflow" not in sys.modules:
+    # Set just before TensorFlow is imported, unless the Keras 3 front end is in use. (With
+    # TensorFlow imported already, the first use of a TF front-end name checks its Keras.)
+    defer_until_tensorflow()
 
 __version__ = "0.1.0"
 
