@@ -224,7 +224,8 @@ class NegativeCache(CacheStore, Cache):
                                      num_heads=sampling.query_heads(queries))
         return sampling.sample_cache(queries, self.embeddings, bias, inv_temperature,
                                      num_samples, seed, excluded_slots=excluded, plan=plan,
-                                     scoring_dtype=self.spec.scoring_dtype)
+                                     scoring_dtype=self.spec.scoring_dtype,
+                                     scattered_bias=masked_ids is not None)
 
     def log_mass(self, queries, temperature=None, masked_ids=None, excluded_ids=None,
                  top_m=None) -> tf.Tensor:
@@ -240,7 +241,8 @@ class NegativeCache(CacheStore, Cache):
                                      num_heads=sampling.query_heads(queries))
         return sampling.sample_cache(queries, self.embeddings, bias, inv_temperature, 1, None,
                                      excluded_slots=excluded, plan=plan,
-                                     scoring_dtype=self.spec.scoring_dtype).log_mass
+                                     scoring_dtype=self.spec.scoring_dtype,
+                                     scattered_bias=masked_ids is not None).log_mass
 
     def draw(self, queries, num_samples: int, temperature=None, masked_ids=None,
              excluded_ids=None, seed=None, top_m=None) -> CacheNegatives:

@@ -115,6 +115,7 @@ def sample_cache(
     excluded_slots: Optional[tf.Tensor] = None,
     plan: Optional[SamplerPlan] = None,
     scoring_dtype=None,
+    scattered_bias: bool = False,
 ) -> SlotDraw:
     """The cache's log-mass per query and, with a `seed`, exact draws from its softmax.
 
@@ -133,6 +134,8 @@ def sample_cache(
       plan: block and chunk sizes; `plan_sampler` chooses them when None.
       scoring_dtype: score in this dtype (e.g. `tf.bfloat16`; see `scoring.block_log_masses`);
         the log-mass and `log_prob` stay in the queries' dtype.
+      scattered_bias: whether `slot_bias` masks slots scattered over the cache (a batch's
+        candidates) rather than only its empty tail (a hint for the scoring's speed).
 
     Returns:
       A `SlotDraw`.
@@ -142,7 +145,8 @@ def sample_cache(
         plan = plan_sampler(embeddings.shape[0], embeddings.shape[1], queries.shape[0],
                             num_heads=query_heads(queries))
     block_masses = scoring.block_log_masses(queries, embeddings, slot_bias, excluded_slots,
-                                            inv_temperature, plan, scoring_dtype)
+                                            inv_temperature, plan, scoring_dtype,
+                                            scattered_bias)
     log_mass = tf.reduce_logsumexp(block_masses, axis=-1)
     if seed is None:
         return SlotDraw(log_mass=log_mass)

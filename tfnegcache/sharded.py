@@ -106,7 +106,8 @@ class ShardedNegativeCache(Cache):
         local = sampling.sample_cache(global_queries, shard.embeddings, shard.slot_bias(masked),
                                       inv_temperature, num_samples, seed,
                                       excluded_slots=excluded, plan=plan,
-                                      scoring_dtype=self.spec.scoring_dtype)
+                                      scoring_dtype=self.spec.scoring_dtype,
+                                      scattered_bias=masked_ids is not None)
         # [R, B_global] -> this replica's rows [R, B].
         log_masses = tf.gather(distribute.all_stack(local.log_mass), rows, axis=1)
         return shard, local, rows, log_masses
