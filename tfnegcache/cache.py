@@ -41,6 +41,12 @@ class Cache(tf.keras.layers.Layer, abc.ABC):
 
     `spec` holds what it stores; `stores()` the `CacheStore`s this process holds. Draws
     address slots in the cache's own numbering, which `CacheUpdate` uses too.
+
+    Example:
+
+    >>> cache = tfnegcache.NegativeCache(8, {"item": tf.TensorSpec([], tf.int64)}, 4)
+    >>> isinstance(cache, tfnegcache.Cache), cache.size, cache.embedding_dim
+    (True, 8, 4)
     """
 
     spec: CacheSpec

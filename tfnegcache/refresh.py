@@ -89,6 +89,19 @@ def warm_start(cache, dataset: tf.data.Dataset, candidate_model: Encoder, id_key
       id_key: the element key holding the candidate id.
       batch_size: candidates per tower call and insert (capped at the cache size).
       batched: whether `dataset` already yields batches.
+
+    Returns:
+      The number of rows read.
+
+    Example:
+
+    >>> cache = tfnegcache.NegativeCache(100, {"item": tf.TensorSpec([], tf.int64)}, 4)
+    >>> tower = tf.keras.layers.Embedding(1000, 4)
+    >>> items = tf.data.Dataset.range(60).map(lambda i: {"item": i, "id": i})
+    >>> tfnegcache.warm_start(cache, items, lambda f: tower(f["item"]))
+    60
+    >>> int(cache.num_filled)
+    60
     """
     batch_size = min(checks.integer("batch_size", batch_size, 1), cache.spec.size)
     if not batched:
@@ -126,6 +139,12 @@ class CacheRefreshCallback(tf.keras.callbacks.Callback):
         also with `compile(steps_per_execution=...)`), or None.
       at_epoch_end: refresh at the end of each epoch.
       batch_size: slots per tower call.
+
+    Example (pass it to `fit`: `model.fit(data, callbacks=[refresh])`):
+
+    >>> refresh = tfnegcache.CacheRefreshCallback(every_n_steps=100, at_epoch_end=False)
+    >>> refresh.every_n_steps, refresh.refreshes
+    (100, 0)
     """
 
     def __init__(self, every_n_steps: Optional[int] = None, at_epoch_end: bool = True,

@@ -128,6 +128,18 @@ def check_checkpoint(model, filepath) -> None:
 
     `model` is any root of a checkpoint: a Keras model (`load_weights` calls this), or the
     `tf.train.Checkpoint` about to `restore(filepath)` (call it first).
+
+    Example:
+
+    >>> import tempfile
+    >>> spec = {"item": tf.TensorSpec([], tf.int64)}
+    >>> path = tf.train.Checkpoint(cache=tfnegcache.NegativeCache(8, spec, 4)).write(
+    ...     tempfile.mkdtemp() + "/ckpt")
+    >>> bigger = tf.train.Checkpoint(cache=tfnegcache.NegativeCache(16, spec, 4))
+    >>> tfnegcache.check_checkpoint(bigger, path)
+    Traceback (most recent call last):
+    ...
+    ValueError: Cannot restore the cache 'negative_cache' from '...': it was saved as [replicated, size=8, ...], but the model's cache is [replicated, size=16, ...]. Nothing was restored. Build the model with the cache it was saved with.
     """
     caches = _paths(model)
     if not caches:

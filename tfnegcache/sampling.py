@@ -56,6 +56,13 @@ def gumbel_max_sample(logits: tf.Tensor, num_samples: int, seed: tf.Tensor) -> t
 
     Returns:
       `[num_queries, num_samples]` int32 indices into the last axis of `logits`.
+
+    Example:
+
+    >>> draws = tfnegcache.gumbel_max_sample(
+    ...     tf.constant([[0.0, -np.inf, 0.0]]), 1000, tf.constant([1, 2]))
+    >>> draws.shape, sorted(set(draws.numpy()[0].tolist()))
+    (TensorShape([1, 1000]), [0, 2])
     """
     tiled = tf.repeat(logits[:, None, :], num_samples, axis=1)
     return gumbel_argmax(tiled, seed)[0]
@@ -139,6 +146,14 @@ def sample_cache(
 
     Returns:
       A `SlotDraw`.
+
+    Example:
+
+    >>> embeddings = tf.random.stateless_normal([1000, 8], [0, 1])
+    >>> draw = tfnegcache.sample_cache(tf.ones([4, 8]), embeddings, tf.zeros([1000]), 1.0,
+    ...                                2, tf.constant([0, 1]))
+    >>> draw.slots.shape, draw.log_mass.shape
+    (TensorShape([4, 2]), TensorShape([4]))
     """
     queries, embeddings, excluded_slots = _prepare(queries, embeddings, excluded_slots)
     if plan is None:

@@ -208,10 +208,13 @@ class ShardedCacheBackup(tf.keras.callbacks.Callback):
     `BackupAndRestore` does with its own. List it *after* `BackupAndRestore`, with the same
     `backup_dir`, so its restore runs after the chief's:
 
-    ```python
-    callbacks = [tf.keras.callbacks.BackupAndRestore(backup_dir),
-                 tfnegcache.ShardedCacheBackup(backup_dir)]
-    ```
+    Example:
+
+    >>> backup_dir = "/tmp/tfnegcache_backup"
+    >>> callbacks = [tf.keras.callbacks.BackupAndRestore(backup_dir),
+    ...              tfnegcache.ShardedCacheBackup(backup_dir)]
+    >>> callbacks[1].backup_dir
+    '/tmp/tfnegcache_backup'
 
     Replicated caches need nothing beyond `BackupAndRestore` (every copy is the same).
     """

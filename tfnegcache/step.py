@@ -104,6 +104,23 @@ def run_step(compute_loss: Callable[[], tf.Tensor], variables, optimizer) -> tf.
 
     Returns:
       The loss.
+
+    Example (a custom training loop):
+
+    >>> users, items = tf.keras.layers.Embedding(10, 4), tf.keras.layers.Embedding(50, 4)
+    >>> cache = tfnegcache.NegativeCache(32, {"item": tf.TensorSpec([], tf.int64)}, 4)
+    >>> task = tfnegcache.CacheRetrieval(cache=cache,
+    ...                                  candidate_model=lambda f: items(f["item"]))
+    >>> optimizer = tf.keras.optimizers.Adam(0.01)
+    >>> user, item = tf.range(8) % 10, tf.range(8, dtype=tf.int64)
+    >>> def loss():
+    ...     return task(users(user), items(item), candidate_ids=item,
+    ...                 candidate_features={"item": item})
+    >>> variables = lambda: users.trainable_variables + items.trainable_variables
+    >>> for _ in range(2):
+    ...     _ = tfnegcache.run_step(loss, variables, optimizer)
+    >>> int(cache.num_filled), int(cache.step), int(optimizer.iterations)
+    (8, 2, 2)
     """
     with recording() as step:
         with tf.GradientTape() as tape:

@@ -33,6 +33,15 @@ class CacheUpdate:
 
     Slots are in the cache's own addressing (as `Cache.draw` returns them); every embedding
     was computed with the weights before the step's optimizer update.
+
+    Example:
+
+    >>> cache = tfnegcache.NegativeCache(8, {"item": tf.TensorSpec([], tf.int64)}, 2)
+    >>> ids = tf.constant([3, 5], tf.int64)
+    >>> cache.update(tfnegcache.CacheUpdate(
+    ...     insert_features={"item": ids}, insert_embeddings=tf.ones([2, 2]), insert_ids=ids))
+    >>> int(cache.num_filled), int(cache.step)
+    (2, 1)
     """
 
     insert_features: Optional[Dict[str, tf.Tensor]] = None
