@@ -181,3 +181,25 @@ def test_a_bad_estimator_is_rejected():
     cache = tfnegcache.NegativeCache(4, SPEC, DIM)
     with pytest.raises(ValueError, match="`estimator` must be 'corrected'"):
         tfnegcache.CacheRetrieval(cache=cache, candidate_model=lambda f: f, estimator="fresh")
+
+
+def test_on_a_stale_cache_the_bias_is_of_order_one_over_k_and_the_docs_say_how_much():
+    """The corrected estimator's mass is unbiased, but the loss and gradient are a
+    self-normalised estimate: biased on a stale cache, by O(1/k). The numbers are those of
+    `python -m benchmarks.estimator_bias` quoted in docs/algorithm.md (step 5)."""
+    from benchmarks import estimator_bias
+    rows = {r["k"]: r for r in estimator_bias.measure(ks=(1, 4, 16, 64), draws=20000)}
+    # docs/algorithm.md: the cache weight 0.689 / 0.759 / 0.788 / 0.797 against an exact
+    # 0.800 at k = 1 / 4 / 16 / 64; the loss off by -0.263 / -0.101 / -0.031 / -0.009 nats.
+    for k, weight, loss_bias in ((1, 0.689, -0.263), (4, 0.759, -0.101), (16, 0.788, -0.031),
+                                 (64, 0.797, -0.009)):
+        assert rows[k]["exact_weight"] == pytest.approx(0.800, abs=5e-4)
+        assert rows[k]["weight"] == pytest.approx(weight, abs=max(3 * rows[k]["weight_se"], 1e-3))
+        assert rows[k]["loss_bias"] == pytest.approx(loss_bias, abs=3 * rows[k]["loss_se"])
+    biases = [-rows[k]["weight_bias"] for k in (1, 4, 16, 64)]
+    assert all(b > 5 * rows[k]["weight_se"] for b, k in zip(biases[:3], (1, 4, 16)))
+    assert biases == sorted(biases, reverse=True)          # shrinks with k ...
+    assert 0.5 < (4 * biases[1]) / (16 * biases[2]) < 2    # ... as 1/k
+    # The mean gradient approaches the full softmax's.
+    errors = [rows[k]["gradient_error"] for k in (1, 4, 16, 64)]
+    assert errors == sorted(errors, reverse=True) and errors[-1] < 0.02 < errors[0]
