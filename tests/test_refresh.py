@@ -177,12 +177,36 @@ def test_top_m_draws_stay_in_the_top_m_and_follow_the_restricted_softmax():
     assert scipy.stats.chisquare(counts, probs * n).pvalue > 1e-3
 
 
-def test_top_m_task_trains():
+def test_top_m_task_trains_and_its_training_logit_is_pinned():
     model = toy.ToyModel(cache_size=256, top_m=10, refresh_per_step=4)
     model.compile(tf.keras.optimizers.Adam(0.05))
     history = model.fit(toy.dataset(toy.interactions(1024, seed=3), 128), epochs=2, verbose=0)
     assert np.all(np.isfinite(history.history["loss"]))
     assert history.history["cache_fill"][-1] > 0.5
+    # The training logit on a stale cache: the top-m (stale) log-mass reweighted by the drawn
+    # negatives' fresh-over-stale scores, `M_m + log mean_k exp(s_k - s~_k)`, recomputed
+    # here from the slots the draw wrote back.
+    cache, tower, k, m = filled_cache(size=64, num=60), encoder(), 3, 5
+    recorder = Recorder()
+    task = tfnegcache.CacheRetrieval(loss=recorder, cache=cache, candidate_model=tower,
+                                     top_m=m, num_negatives=k)
+    queries = tf.constant(np.random.default_rng(7).normal(size=(4, DIM)), tf.float32)
+    feats = items([100, 101, 102, 5])       # item 5 is cached: masked for every query
+    with tfnegcache.step.recording() as step:
+        task(queries, tower(feats), candidate_ids=feats["item_id"], candidate_features=feats)
+    (_, update, _), = step.updates
+    logits = recorder.logits.numpy()[:, -1].astype(np.float64)
+    q = queries.numpy().astype(np.float64)
+    stale = q @ cache.embeddings.numpy()[:60].astype(np.float64).T
+    stale[:, 5] = -np.inf
+    fresh = q @ tower(items(np.arange(60))).numpy().astype(np.float64).T
+    slots = update.write_back_slots.numpy().reshape(4, k)
+    for i in range(4):
+        top = np.sort(stale[i])[-m:]
+        assert set(slots[i]) <= set(np.argsort(stale[i])[-m:])   # draws stay in the top m
+        expected = scipy.special.logsumexp(top) + scipy.special.logsumexp(
+            fresh[i, slots[i]] - stale[i, slots[i]]) - np.log(k)
+        np.testing.assert_allclose(logits[i], expected, rtol=1e-5)
 
 
 class Recorder(tf.keras.losses.Loss):
