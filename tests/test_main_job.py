@@ -164,6 +164,7 @@ def help_entries(text):
                "--strategies", "--split", "--data-dir", "--output-dir", "--export-dir",
                "--no-export", "--verbose"]),
     ("export", ["--data-dir", "--k", "--export-dir", "--name", "--version", "--overwrite"]),
+    ("cost", ["--steps", "--warmup"]),
 ])
 def test_help_shows_every_option_with_help_and_default(tmp_path, command, options):
     out = run_without_tensorflow([command, "--help"], tmp_path)

@@ -311,7 +311,7 @@ class CacheRetrieval(tfrs.tasks.Retrieval):
         Returns:
           The loss.
         """
-        if self.cache is None:
+        if self.cache is None or step.caches_ignored():
             return super().call(
                 query_embeddings, candidate_embeddings, sample_weight=sample_weight,
                 candidate_sampling_probability=candidate_sampling_probability,

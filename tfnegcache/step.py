@@ -21,6 +21,7 @@ import tensorflow as tf
 from tfnegcache import checks
 
 _CURRENT = contextvars.ContextVar("tfnegcache_training_step", default=None)
+_IN_BATCH_ONLY = contextvars.ContextVar("tfnegcache_in_batch_only", default=False)
 
 
 class TrainingStep:
@@ -57,6 +58,22 @@ class TrainingStep:
 def current() -> Optional[TrainingStep]:
     """The training step being run in this context, or None (evaluation, prediction)."""
     return _CURRENT.get()
+
+
+@contextlib.contextmanager
+def in_batch_only():
+    """Inside, `CacheRetrieval` tasks ignore their caches and act as `tfrs.tasks.Retrieval`
+    (what `tfnegcache.cost.measure_cost` times the cache against)."""
+    token = _IN_BATCH_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _IN_BATCH_ONLY.reset(token)
+
+
+def caches_ignored() -> bool:
+    """Whether `in_batch_only` is in force."""
+    return _IN_BATCH_ONLY.get()
 
 
 @contextlib.contextmanager
