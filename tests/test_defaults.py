@@ -137,7 +137,7 @@ def test_with_bfloat16_scoring_the_correction_uses_the_rounded_scores_it_drew_wi
 # held-out queries (a recall@10 difference on them has a standard error of about 0.005).
 # Measured at 300 steps, seeds 0 / 1 / 2: in-batch 0.784 / 0.799 / 0.797, the default cache
 # (k = 1) 0.805 / 0.803 / 0.808, with k = 4 0.843 / 0.848 / 0.853, and the uncorrected
-# estimator (`estimator="stale"`, the old default) 0.480 / 0.492 / 0.467.
+# estimator (`estimator="stale"`) 0.480 / 0.492 / 0.467.
 SMALL_STEPS, SMALL_LR = 300, 1e-2
 
 
@@ -172,7 +172,7 @@ def test_default_cache_trains_at_least_as_well_as_in_batch_negatives():
     """The defaults a user gets (a warm-started whole-corpus cache, write-back only, no
     refresh, the default estimator) against in-batch negatives, at equal steps, on towers
     that move fast early: with the constructor's k and with k = 4. The uncorrected estimator
-    (the old default) fails this by 0.3."""
+    (`estimator="stale"`) fails this by 0.3."""
     in_batch = _train_small_in_batch()
     default = _train_small_cache()
     four = _train_small_cache(num_negatives=4)
