@@ -1,4 +1,4 @@
-"""Issue 14, step 0: does the cache's default configuration train at least as well as
+"""Does the cache's default configuration train at least as well as
 in-batch negatives on a workload whose towers move fast early?
 
 The workload is configuration A of docs/workload.md (`make_workload(query_noise=0.75,

@@ -1,4 +1,4 @@
-"""Issue 14: the cache's defaults must not do worse than in-batch negatives.
+"""The cache's defaults must not do worse than in-batch negatives.
 
 - The corrected estimator (`CacheRetrieval(estimator="corrected")`, the default) is exact
   where the maths gives a number: when every cached embedding is off by the same vector, the
