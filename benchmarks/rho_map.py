@@ -550,6 +550,15 @@ def compare(runs: List[dict], timings: Dict[str, dict]) -> List[dict]:
     groups = {}
     for r in runs:
         groups.setdefault((Config(**r["config"]).name(), r["seed"]), {})[r["method"]] = r
+    # Baselines use no cache: a group with another cache size on the same corpus shares them.
+    def corpus(name):
+        return tuple(part for part in name.split("_") if not part.startswith("c"))
+    for (group, seed), methods in groups.items():
+        for (other, other_seed), theirs in groups.items():
+            if other_seed == seed and other != group and corpus(other) == corpus(group):
+                for method, r in theirs.items():
+                    if method in BASELINES:
+                        methods.setdefault(method, r)
     out = []
     for (group, seed), methods in sorted(groups.items()):
         timed = timings.get(group)

@@ -1,6 +1,7 @@
 """The tower-cost map (`benchmarks.rho_map`): its arithmetic, an exact resume, and the
 `--quick` smoke run (a timing pass, every method, the report; about a minute)."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -99,3 +100,21 @@ def test_quick_map_times_trains_every_method_and_reports(tmp_path):
     assert c["baseline_r@10"] == max(c[f"{m}_r@10"] for m in rho_map.BASELINES)
     assert (tmp_path / "rho_map.png").stat().st_size > 0
     assert (tmp_path / "rho_map_curves.png").stat().st_size > 0
+
+
+def test_a_cache_size_without_its_own_baselines_is_compared_with_the_same_corpus_ones():
+    def run(cache, method, recalls):
+        config = rho_map.Config("rec-128x2x32", 0, 64, 18, cache, 1e-3, 2000)
+        return {"config": dataclasses.asdict(config), "setting": "rec-128x2x32",
+                "shape": "rec", "seed": 0, "method": method, "seconds": 4.0,
+                "marks": [1, 2], "complete": True,
+                "curve": [{"steps": s, "recall@10": r} for s, r in zip([1, 2], recalls)]}
+    timing = {"rho": 2.0, "methods": {m: {"step_ms": 2000.0, "warm_start_s": 0.0}
+                                      for m in rho_map.METHODS}}
+    runs = [run(16, "inbatch", [0.1, 0.2]), run(16, "cache-k1", [0.1, 0.3]),
+            run(18, "cache-k1", [0.2, 0.6])]
+    timings = {"rec-128x2x32_n18_c16_b64": timing, "rec-128x2x32_n18_b64": timing}
+    final = {c["group"]: c for c in rho_map.compare(runs, timings) if c["fraction"] == 1.0}
+    assert final["rec-128x2x32_n18_b64"]["best_baseline"] == "inbatch"
+    assert final["rec-128x2x32_n18_b64"]["removed"] == pytest.approx(1 - 0.4 / 0.8)
+    assert final["rec-128x2x32_n18_c16_b64"]["removed"] == pytest.approx(1 - 0.7 / 0.8)
