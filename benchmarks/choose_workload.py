@@ -19,9 +19,9 @@ with other jobs); run it under `nice`.
 import argparse
 import json
 import os
-import platform
 import time
 
+from benchmarks import _common
 from benchmarks import workload as W
 
 import numpy as np
@@ -217,8 +217,7 @@ def main(argv=None):
             setattr(args, k, v)
         args.name = "quick"
 
-    import tfnegcache  # noqa: F401  (first: Keras 2)
-    import tensorflow as tf
+    tf = _common.tf()
     tf.config.threading.set_intra_op_parallelism_threads(1)
     tf.config.threading.set_inter_op_parallelism_threads(1)
 
@@ -272,8 +271,7 @@ def main(argv=None):
                "removed_at_equal_steps": removed, "removed_vs_plateau": removed_p,
                "criterion": criterion, "wide": wide, "per_seed": per_seed,
                "wall_seconds": time.perf_counter() - began,
-               "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                           "tensorflow": tf.__version__}}
+               "machine": _common.machine(load_average=False)}
     os.makedirs(RESULTS, exist_ok=True)
     path = os.path.join(RESULTS, f"{args.name}.json")
     with open(path, "w", encoding="utf-8") as f:

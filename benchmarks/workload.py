@@ -56,6 +56,8 @@ from typing import Dict, Optional
 
 import numpy as np
 
+from benchmarks import _common
+
 METHODS = ("inbatch", "inbatch+logq", "mns+logq", "full")
 _ITEM_STREAM, _SPLIT_STREAM, _MNS_STREAM = 0, {"train": 1, "test": 2}, 3
 _BLOCK = 256  # queries per SeedSequence block of a split stream
@@ -181,14 +183,8 @@ def sampling_probability(workload: Workload, method: str, batch: int,
 
 
 # ---------------------------------------------------------------------------------------------
-# TensorFlow: towers, losses, training, evaluation. Imported lazily so the generator is usable
-# (and testable) without TensorFlow.
-
-def _tf():
-    import tfnegcache  # noqa: F401  (first: selects Keras 2)
-    import tensorflow as tf
-    return tf
-
+# TensorFlow: towers, losses, training, evaluation. Imported lazily (`_common.tf()`) so the
+# generator is usable (and testable) without TensorFlow.
 
 def _transformer(tf, latent_dim, dim, tokens=8, d_model=32, heads=2, key_dim=16, ffn=64,
                  blocks=1, name=None):
@@ -238,7 +234,7 @@ def make_towers(workload: Workload, hidden=256, layers=2, dim=64, id_dim=0, seed
     `query_arch`, `candidate_arch`: `"mlp"` (the workload's MLP, `hidden` x `layers`) or
     `"transformer"` (`_transformer`, with the keyword arguments in `transformer`). The
     candidate network itself is `candidate_tower.net` (it maps `[M, latent_dim]` features)."""
-    tf = _tf()
+    tf = _common.tf()
     tf.keras.utils.set_random_seed(seed)
     for arch in (query_arch, candidate_arch):
         if arch not in TOWER_ARCHS:
@@ -286,7 +282,7 @@ def make_train_step(method, workload, query_tower, candidate_tower, variables, o
                     batch, mns_negatives=0, temperature=1.0):
     """A `tf.function(query, item_id, extra_ids) -> loss` for `method`. `extra_ids` are the MNS
     uniform negatives (ignored by the other methods)."""
-    tf = _tf()
+    tf = _common.tf()
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     q = sampling_probability(workload, method, batch, mns_negatives)
@@ -324,7 +320,7 @@ def evaluate(workload, query_tower, candidate_tower, test, ks=(10, 100), chunk=1
     `item_chunk`: encode the items that many at a time (a large corpus or an expensive tower;
     None: all at once), and score `chunk` queries at a time against all of them (keep
     `chunk * N` floats in memory in mind)."""
-    tf = _tf()
+    tf = _common.tf()
     if item_chunk is None:
         items = candidate_tower()
     else:
@@ -344,7 +340,7 @@ def evaluate(workload, query_tower, candidate_tower, test, ks=(10, 100), chunk=1
 
 def _chunk_encoder(candidate_tower):
     """`candidate_tower(ids)` as one `tf.function` per tower (memoised on the tower)."""
-    tf = _tf()
+    tf = _common.tf()
     if getattr(candidate_tower, "_chunk_encoder", None) is None:
         candidate_tower._chunk_encoder = tf.function(lambda ids: candidate_tower(ids))
     return candidate_tower._chunk_encoder
@@ -368,7 +364,7 @@ def train(method, workload, steps, test, batch=256, mns_negatives=256, learning_
           temperature=1.0, checkpoints=(), seed=0, log=None, **tower_args):
     """Trains `method` for `steps` steps; evaluates at each step count in `checkpoints` (and at
     the end). Returns `{"curve": [...], "ms_per_step": ..., "recall@10": ..., ...}`."""
-    tf = _tf()
+    tf = _common.tf()
     query_tower, candidate_tower, variables = make_towers(workload, seed=seed, **tower_args)
     optimizer = tf.keras.optimizers.Adam(learning_rate)
     step = make_train_step(method, workload, query_tower, candidate_tower, variables, optimizer,
