@@ -76,19 +76,10 @@ def make_parser():
     p.add_argument("--step-points", type=int, nargs="*", default=[],
                    help="also evaluate at these step counts (the equal-steps comparison)")
     p.add_argument("--num-test", type=int, default=2000)
-    # workload: configuration A of docs/workload.md at 2^20
-    p.add_argument("--num-coarse", type=int, default=256)
-    p.add_argument("--fine-per-coarse", type=int, default=256)
-    p.add_argument("--fine-size", type=int, default=16)
-    p.add_argument("--query-noise", type=float, default=0.75)
-    p.add_argument("--item-scale", type=float, default=0.25)
-    # towers and optimisation (the workload's)
-    p.add_argument("--hidden", type=int, default=128)
-    p.add_argument("--layers", type=int, default=1)
-    p.add_argument("--dim", type=int, default=64)
-    p.add_argument("--batch", type=int, default=256)
-    p.add_argument("--mns-negatives", type=int, default=256, help="B', MNS uniform negatives")
-    p.add_argument("--learning-rate", type=float, default=1e-3)
+    # The workload (configuration A of docs/workload.md at 2^20), its towers and optimisation.
+    W.add_workload_args(p, ("num_coarse", "fine_per_coarse", "fine_size", "query_noise",
+                            "item_scale", "hidden", "layers", "dim", "batch", "mns_negatives",
+                            "learning_rate"), num_coarse=256, fine_per_coarse=256)
     # the cache
     p.add_argument("--cache-size", type=int, default=2**16)
     p.add_argument("--num-negatives", type=int, default=4, help="k draws per query")
@@ -404,9 +395,7 @@ def main(argv=None):
         int(os.environ.get("TF_NUM_INTRAOP_THREADS", "1")))
     tf.config.threading.set_inter_op_parallelism_threads(
         int(os.environ.get("TF_NUM_INTEROP_THREADS", "1")))
-    workload = W.make_workload(num_coarse=args.num_coarse, fine_per_coarse=args.fine_per_coarse,
-                               fine_size=args.fine_size, query_noise=args.query_noise,
-                               item_scale=args.item_scale, seed=args.seed)
+    workload = W.workload_from_args(args)
     test = workload.queries(args.num_test, "test")
     print(f"N = {workload.num_items}, setting {args.setting}, seed {args.seed}, "
           f"{args.seconds:g} s per method, same-fine-cluster rate "

@@ -183,6 +183,54 @@ def sampling_probability(workload: Workload, method: str, batch: int,
 
 
 # ---------------------------------------------------------------------------------------------
+# The command line of a workload experiment: make_workload's parameters, with configuration A
+# of docs/workload.md at 2^16 items as their defaults, then the towers' and the training's.
+# name -> (type, default, help).
+
+FLAGS = {
+    "num_coarse": (int, 64, None),
+    "fine_per_coarse": (int, 64, None),
+    "fine_size": (int, 16, None),
+    "latent_dim": (int, 32, None),
+    "fine_scale": (float, 0.5, None),
+    "item_scale": (float, 0.25, None),
+    "query_noise": (float, 0.75, None),
+    "popularity_exponent": (float, 0.8, None),
+    "item_visible": (float, 1.0,
+                     "share of the item offset in the item features (0: only via id embedding)"),
+    "hidden": (int, 128, None),
+    "layers": (int, 1, None),
+    "dim": (int, 64, None),
+    "id_dim": (int, 0, "item-id embedding width (0: none)"),
+    "batch": (int, 256, None),
+    "mns_negatives": (int, 256, "B', MNS uniform negatives"),
+    "learning_rate": (float, 1e-3, None),
+    "temperature": (float, 1.0, None),
+}
+WORKLOAD_PARAMETERS = ("num_coarse", "fine_per_coarse", "fine_size", "latent_dim", "fine_scale",
+                       "item_scale", "query_noise", "popularity_exponent", "item_visible")
+
+
+def add_workload_args(parser, names=tuple(FLAGS), **defaults):
+    """Adds the flags `names` of `FLAGS` to `parser` in that order (`--num-coarse` for
+    `num_coarse`); `defaults` replaces some of their defaults."""
+    unknown = set(defaults) - set(names)
+    if unknown:
+        raise ValueError(f"defaults for flags not added: {sorted(unknown)}")
+    for name in names:
+        kind, default, text = FLAGS[name]
+        parser.add_argument("--" + name.replace("_", "-"), type=kind,
+                            default=defaults.get(name, default), help=text)
+
+
+def workload_from_args(args, seed=None):
+    """`make_workload` of the workload flags in `args` (make_workload's defaults for those
+    not added) and of `seed`, by default `args.seed`."""
+    kwargs = {name: getattr(args, name) for name in WORKLOAD_PARAMETERS if hasattr(args, name)}
+    return make_workload(**kwargs, seed=args.seed if seed is None else seed)
+
+
+# ---------------------------------------------------------------------------------------------
 # TensorFlow: towers, losses, training, evaluation. Imported lazily (`_common.tf()`) so the
 # generator is usable (and testable) without TensorFlow.
 
