@@ -1,13 +1,15 @@
-"""Scenarios of tests/test_distribute.py, each run in its own process.
+"""Scenarios of tests/test_distribute.py, run in processes of their own.
 
-Logical CPU devices must be configured before TensorFlow initializes its devices, so every
-scenario runs in a fresh interpreter: `python tests/dist_scenarios.py NAME OUT_JSON [args]`.
-A scenario prints nothing the test reads; it writes its results as JSON to OUT_JSON.
+Logical CPU devices must be configured before TensorFlow initializes its devices, so the
+scenarios run in a fresh interpreter: `python tests/dist_scenarios.py NAME OUT_JSON [args]`,
+or several MirroredStrategy ones in one (`several`). A scenario prints nothing the test
+reads; it writes its results as JSON to OUT_JSON.
 """
 
 import json
 import os
 import sys
+import traceback
 
 import tfnegcache  # first: Keras 2
 
@@ -28,12 +30,35 @@ def replica_values(variable):
 
 def split_cpu(num):
     cpu = tf.config.list_physical_devices("CPU")[0]
+    if len(tf.config.get_logical_device_configuration(cpu) or []) == num:
+        return  # split by an earlier scenario of this process (`several`)
     tf.config.set_logical_device_configuration(
         cpu, [tf.config.LogicalDeviceConfiguration()] * num)
 
 
+def several(out_dir, *scenarios):
+    """The `scenarios` one after another in this process, so that they share one TensorFlow
+    start-up; `name:arg` passes an argument. Each writes `out_dir/<name>.json`, or, if it
+    raises, `out_dir/<name>.error` with the traceback, so each test sees only its own
+    failure. Devices are split once, for all (each scenario asks for 2 CPUs)."""
+    split_cpu(2)
+    for scenario in scenarios:
+        name, *args = scenario.split(":")
+        tf.keras.backend.clear_session()  # layer and variable names as in a fresh process
+        try:
+            globals()[name](os.path.join(out_dir, f"{name}.json"), *args)
+        except Exception:  # pylint: disable=broad-except
+            with open(os.path.join(out_dir, f"{name}.error"), "w") as f:
+                f.write(traceback.format_exc())
+
+
 def mirrored(num=2):
-    return tf.distribute.MirroredStrategy([f"/cpu:{i}" for i in range(num)])
+    # Every MirroredStrategy numbers its collectives from the same key, and the runtime keeps
+    # each key's shapes for the life of the process: in a process shared by scenarios
+    # (`several`) each strategy takes a range of keys of its own, as TensorFlow's tests do.
+    strategy = tf.distribute.MirroredStrategy
+    strategy._collective_key_base += 100000  # pylint: disable=protected-access
+    return strategy([f"/cpu:{i}" for i in range(num)])
 
 
 def make_model(cache_size, layout="replicated", seed=0, **task_kwargs):
@@ -317,26 +342,34 @@ class CacheSnapshots(tf.keras.callbacks.Callback):
             os._exit(17)  # pylint: disable=protected-access
 
 
-def worker(out, backup_dir, epochs, kill_at_epoch, layout="replicated"):
-    """One MultiWorkerMirroredStrategy worker (TF_CONFIG from the environment)."""
+def worker(out, backup_dir, epochs, kill_at_epoch, layouts="replicated"):
+    """One MultiWorkerMirroredStrategy worker (TF_CONFIG from the environment). Fits a model
+    for each of the comma-separated `layouts` in turn (several share one start-up), each with
+    its backups and cache snapshots in a directory named after it, and writes
+    `{layout: results}` to OUT."""
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
     data = toy.interactions(64 * 2 * 12, seed=4)
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
     dataset = toy.dataset(data, 128).with_options(options)
-    with strategy.scope():
-        model = make_model(300 if layout == "replicated" else 150, layout=layout)
-        model.compile(tf.keras.optimizers.Adam(0.05))
-    directory = os.path.dirname(out)
     kill = int(kill_at_epoch) if kill_at_epoch != "none" else None
-    callbacks = [tf.keras.callbacks.BackupAndRestore(backup_dir),
-                 tfnegcache.ShardedCacheBackup(backup_dir),
-                 CacheSnapshots(directory, kill)]
-    history = model.fit(dataset, epochs=int(epochs), verbose=0, callbacks=callbacks)
-    json.dump({"loss": history.history["loss"],
-               "cache_step": int(cache_arrays(model.task.cache)["step:0"][0]),
-               "first_ids": cache_arrays(model.task.cache)["ids:0"][0][:8].tolist(),
-               "epochs_run": len(history.history["loss"])}, open(out, "w"))
+    results = {}
+    for layout in layouts.split(","):
+        with strategy.scope():
+            model = make_model(300 if layout == "replicated" else 150, layout=layout)
+            model.compile(tf.keras.optimizers.Adam(0.05))
+        directory = os.path.join(os.path.dirname(out), layout)
+        os.makedirs(directory, exist_ok=True)
+        backup = os.path.join(backup_dir, layout)
+        callbacks = [tf.keras.callbacks.BackupAndRestore(backup),
+                     tfnegcache.ShardedCacheBackup(backup),
+                     CacheSnapshots(directory, kill)]
+        history = model.fit(dataset, epochs=int(epochs), verbose=0, callbacks=callbacks)
+        results[layout] = {"loss": history.history["loss"],
+                           "cache_step": int(cache_arrays(model.task.cache)["step:0"][0]),
+                           "first_ids": cache_arrays(model.task.cache)["ids:0"][0][:8].tolist(),
+                           "epochs_run": len(history.history["loss"])}
+    json.dump(results, open(out, "w"))
 
 
 if __name__ == "__main__":
