@@ -68,6 +68,12 @@ class CachedRetrievalModel(tfrs.Model):
         self.cache_tasks()   # refuses shared caches before anything is built
         return super().compile(*args, **kwargs)
 
+    def _regularization(self, loss: tf.Tensor) -> tf.Tensor:
+        """The sum of the model's regularization losses in the loss's dtype (float64 under
+        `set_floatx("float64")`, where TFRS's empty sum would be float32)."""
+        return tf.add_n([tf.zeros([], loss.dtype)]
+                        + [tf.cast(tf.reduce_sum(l), loss.dtype) for l in self.losses])
+
     def _cache_logs(self, tasks) -> Dict[str, tf.Tensor]:
         logs = {}
         for task in tasks:
@@ -81,7 +87,7 @@ class CachedRetrievalModel(tfrs.Model):
 
         def total_loss():
             parts["loss"] = self.compute_loss(inputs, training=True)
-            parts["regularization"] = tf.reduce_sum([tf.reduce_sum(l) for l in self.losses])
+            parts["regularization"] = self._regularization(parts["loss"])
             return parts["loss"] + parts["regularization"]
 
         step.run_step(total_loss, lambda: self.trainable_variables, self.optimizer)
@@ -94,9 +100,12 @@ class CachedRetrievalModel(tfrs.Model):
         return metrics
 
     def test_step(self, inputs):
-        logs = super().test_step(inputs)
-        logs["loss"] = distribute.all_reduce_sum(logs["loss"])
-        logs["total_loss"] = logs["loss"] + logs["regularization_loss"]
+        loss = tf.convert_to_tensor(self.compute_loss(inputs, training=False))
+        regularization = self._regularization(loss)
+        logs = {metric.name: metric.result() for metric in self.metrics}
+        logs["loss"] = distribute.all_reduce_sum(loss)
+        logs["regularization_loss"] = regularization
+        logs["total_loss"] = logs["loss"] + regularization
         for task in self.cache_tasks():
             logs.pop(task.staleness.name, None)
         return logs
