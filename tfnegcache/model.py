@@ -68,6 +68,14 @@ class CachedRetrievalModel(tfrs.Model):
         self.cache_tasks()   # refuses shared caches before anything is built
         return super().compile(*args, **kwargs)
 
+    def compile_from_config(self, config):
+        """What `tf.keras.models.load_model` calls to compile a loaded `.keras` model: as
+        `tf.keras.Model`'s, which skips models that override `compile` (this one checks its
+        tasks there), so that the optimizer and its state come back too."""
+        self.compile(**tf.keras.saving.deserialize_keras_object(config))
+        if isinstance(self.optimizer, tf.keras.optimizers.Optimizer) and self.built:
+            self.optimizer.build(self.trainable_variables)   # its variables, to be loaded
+
     def _regularization(self, loss: tf.Tensor) -> tf.Tensor:
         """The sum of the model's regularization losses in the loss's dtype (float64 under
         `set_floatx("float64")`, where TFRS's empty sum would be float32)."""
@@ -125,10 +133,18 @@ class CachedRetrievalModel(tfrs.Model):
         restore.check_checkpoint(self, filepath)
         status = super().load_weights(filepath, skip_mismatch=skip_mismatch, by_name=by_name,
                                       options=options)
+        self._rebuild_indexes()
+        return status
+
+    def set_weights(self, weights):
+        """`tf.keras.Model.set_weights`, then the caches' id indexes the new ids imply."""
+        super().set_weights(weights)
+        self._rebuild_indexes()
+
+    def _rebuild_indexes(self) -> None:
         for task in self.cache_tasks():
             for store in task.cache.stores():
                 store.rebuild_index()
-        return status
 
     @property
     def distribute_reduction_method(self):
