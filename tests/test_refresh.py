@@ -319,3 +319,60 @@ def test_refresh_never_overwrites_a_slot_the_insert_just_filled():
     np.testing.assert_array_equal(cache.ids.numpy()[:2], [25, 26])
     np.testing.assert_array_equal(cache.embeddings.numpy()[:2], inserted.numpy())
     assert_encoded(cache, tower, np.arange(2, 20))
+
+
+class RefreshSteps(tfnegcache.CacheRefreshCallback):
+    """Records the optimizer's step count at each refresh."""
+
+    def __init__(self, **kwargs):
+        super().__init__(at_epoch_end=False, batch_size=64, **kwargs)
+        self.at_steps = []
+
+    def refresh(self):
+        self.at_steps.append(int(self.model.optimizer.iterations.numpy()))
+        super().refresh()
+
+
+def refresh_points(batch_ends, every_n_steps):
+    """The batch ends (step counts) at or after which each multiple of K was crossed."""
+    points, last = [], 0
+    for end in batch_ends:
+        if end // every_n_steps > last // every_n_steps:
+            points.append(end)
+        last = end
+    return points
+
+
+@pytest.mark.parametrize("every_n_steps, steps_per_execution, refreshes", [
+    (3, 1, 13), (3, 3, 13), (4, 3, 10), (3, 7, 6), (2, 5, 8), (5, 5, 8)])
+def test_callback_counts_steps_under_steps_per_execution(every_n_steps, steps_per_execution,
+                                                         refreshes):
+    # 20 steps per epoch, 2 epochs. Keras reports one batch end per execution of
+    # `steps_per_execution` steps (the last one of an epoch shorter): at these step counts.
+    model = toy.ToyModel(cache_size=64)
+    model.compile(tf.keras.optimizers.Adam(0.05), steps_per_execution=steps_per_execution)
+    callback = RefreshSteps(every_n_steps=every_n_steps)
+    model.fit(toy.dataset(toy.interactions(16 * 20, seed=4), 16), epochs=2, verbose=0,
+              callbacks=[callback])
+    assert int(model.optimizer.iterations.numpy()) == 40
+    epoch = [min(s, 20) for s in range(steps_per_execution, 20 + steps_per_execution,
+                                       steps_per_execution)]
+    expected = refresh_points(epoch + [20 + s for s in epoch], every_n_steps)
+    assert callback.refreshes == len(expected) == refreshes
+    assert callback.at_steps == expected
+    if expected[-1] == 40:   # refreshed after the last step: every slot is the tower's now
+        cache = model.task.cache
+        assert_encoded(cache, model.candidate_tower, np.arange(int(cache.num_filled.numpy())))
+
+
+def test_the_refresh_schedule_goes_on_across_fit_calls():
+    # Every 3rd optimizer step: two fits of one epoch refresh as one fit of two epochs.
+    model = toy.ToyModel(cache_size=64)
+    model.compile(tf.keras.optimizers.Adam(0.05), steps_per_execution=3)
+    callback = RefreshSteps(every_n_steps=3)
+    data = toy.dataset(toy.interactions(16 * 20, seed=4), 16)
+    for _ in range(2):
+        model.fit(data, epochs=1, verbose=0, callbacks=[callback])
+    epoch = [3, 6, 9, 12, 15, 18, 20]
+    assert callback.at_steps == refresh_points(epoch + [20 + s for s in epoch], 3)
+    assert callback.at_steps[-1] == 40 and callback.refreshes == 13

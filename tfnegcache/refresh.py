@@ -135,8 +135,12 @@ class CacheRefreshCallback(tf.keras.callbacks.Callback):
     `candidate_model` is the encoder.
 
     Args:
-      every_n_steps: refresh after every K-th training step (counted over the whole `fit`,
-        also with `compile(steps_per_execution=...)`), or None.
+      every_n_steps: refresh after every K-th step of the optimizer, or None. Steps are the
+        optimizer's (`model.optimizer.iterations`), so every step counts, also under
+        `compile(steps_per_execution=S)`, where Keras reports one batch end per S steps (the
+        refresh then comes at the first batch end at or after each K-th step; one refresh
+        for all the multiples of K that one execution crosses), and the schedule goes on
+        across `fit` calls and resumed runs.
       at_epoch_end: refresh at the end of each epoch.
       batch_size: slots per tower call.
 
@@ -154,8 +158,7 @@ class CacheRefreshCallback(tf.keras.callbacks.Callback):
         self.at_epoch_end = bool(at_epoch_end)
         self.batch_size = checks.integer("batch_size", batch_size, 1)
         self.refreshes = 0
-        self._steps = 0        # training steps done in this fit, at the last batch end
-        self._epoch_start = 0
+        self._last = None      # the optimizer's step count at the last batch end
 
     def refresh(self) -> None:
         """Re-encodes every filled slot of every cache of the model now."""
@@ -163,20 +166,25 @@ class CacheRefreshCallback(tf.keras.callbacks.Callback):
             refresh_all(task.cache, task.candidate_model, self.batch_size)
         self.refreshes += 1
 
-    def on_train_begin(self, logs=None):
-        self._steps = self._epoch_start = 0
+    def _steps(self) -> int:
+        return int(self.model.optimizer.iterations.numpy())
 
-    def on_epoch_begin(self, epoch, logs=None):
-        self._epoch_start = self._steps
+    def on_train_begin(self, logs=None):
+        self._last = None
+
+    def on_train_batch_begin(self, batch, logs=None):
+        # Read at the first batch, after every callback's on_train_begin: BackupAndRestore
+        # restores the optimizer's step count there.
+        if self._last is None:
+            self._last = self._steps()
 
     def on_train_batch_end(self, batch, logs=None):
-        # `batch` is the index of the last step run (steps_per_execution runs several per
-        # call): count steps, not calls.
-        steps = self._epoch_start + batch + 1
+        # Not `batch`: it numbers steps within an epoch, from where a resumed epoch starts.
+        steps = self._steps()
         if self.every_n_steps is not None and \
-                steps // self.every_n_steps > self._steps // self.every_n_steps:
+                steps // self.every_n_steps > self._last // self.every_n_steps:
             self.refresh()
-        self._steps = steps
+        self._last = steps
 
     def on_epoch_end(self, epoch, logs=None):
         if self.at_epoch_end:
