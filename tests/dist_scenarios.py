@@ -164,6 +164,27 @@ def sharded_exact(out):
     json.dump(result, open(out, "w"))
 
 
+def sharded_save(out):
+    """A sharded cache trained on 2 replicas, saved in every weights format (for a test that
+    loads it on one device)."""
+    split_cpu(2)
+    strategy = mirrored(2)
+    with strategy.scope():
+        model = make_model(64, "sharded", use_in_batch_negatives=False)
+        model.compile(tf.keras.optimizers.Adam(0.05))
+    model.fit(toy.dataset(toy.interactions(64 * 3, seed=9), 64), epochs=1, verbose=0)
+    model(tf.constant([0], tf.int64))
+    directory = os.path.dirname(out)
+    paths = {fmt: os.path.join(directory, name)
+             for fmt, name in (("tf", "sharded"), ("h5", "sharded.h5"),
+                               ("keras", "sharded.weights.h5"))}
+    for path in paths.values():
+        model.save_weights(path)
+    json.dump({"paths": paths,
+               "filled": [int(s.num_filled.numpy()) for s in model.task.cache.shards]},
+              open(out, "w"))
+
+
 # ------------------------------------------------------------------------------- replicated
 
 def replicated_identical(out):

@@ -50,13 +50,18 @@ def cache_spec(cache) -> dict:
     spec = _spec_of({v.name[v.name.index(prefix) + len(prefix):].rsplit(":", 1)[0]:
                      (tuple(v.shape), v.dtype) for v in stores[0].weights})
     spec["layout"] = "replicated" if stores == [cache] else "sharded"
+    if spec["layout"] == "sharded":
+        spec["shards"] = len(stores)
     return spec
 
 
 def describe(spec: dict) -> str:
     features = ", ".join(f"{name}: {list(shape)} {dtype}"
                          for name, (shape, dtype) in spec["features"].items())
-    return (f"{spec['layout']}, size={spec['size']}, embedding_dim={spec['embedding_dim']} "
+    layout = spec["layout"]
+    if "shards" in spec:
+        layout += f" over {spec['shards']} shard{'s' if spec['shards'] != 1 else ''}"
+    return (f"{layout}, size={spec['size']}, embedding_dim={spec['embedding_dim']} "
             f"({spec['embedding_dtype']}), id_dtype={spec['id_dtype']}, "
             f"features {{{features}}}")
 
@@ -102,6 +107,8 @@ def _combine(groups: Dict[str, dict]) -> Optional[dict]:
         return None
     spec = specs[0]
     spec["layout"] = "replicated" if list(groups) == [""] else "sharded"
+    if spec["layout"] == "sharded":
+        spec["shards"] = len(groups)
     return spec
 
 
