@@ -252,3 +252,50 @@ def test_a_custom_loop_with_two_tasks_on_one_cache_is_refused_and_changes_nothin
                             lambda: model.trainable_variables, optimizer)
     assert int(optimizer.iterations.numpy()) == 0
     assert_same_state(before, model_state(model, optimizer))
+
+
+# ------------------------------------------------------------------ XLA
+
+
+JIT_REFUSED = (r"^`jit_compile` must be False or None for a CachedRetrievalModel\. Received: "
+               r"jit_compile=True\. Its caches find cached ids in a hash table "
+               r"\(tf\.lookup\.experimental\.MutableHashTable, .*\), which XLA cannot compile, "
+               r"so the first step would fail\. Compile the model without it, and run the "
+               r"towers under XLA instead: decorate their computation with "
+               r"`tf\.function\(jit_compile=True\)`\.$")
+
+
+class XlaTower(toy.CandidateTower):
+    """The toy candidate tower, XLA-compiled."""
+
+    @tf.function(jit_compile=True)
+    def encode(self, item_id, tokens):
+        return self.ids(item_id) + tf.reduce_mean(self.tokens(tokens), 1)
+
+    def call(self, features):
+        return self.encode(features["item_id"], features["tokens"])
+
+
+def test_jit_compile_is_refused_when_compiling_and_when_set_and_xla_towers_train():
+    model = prefilled(toy.ToyModel(cache_size=128))
+    optimizer = tf.keras.optimizers.Adam(0.05)
+    before = model_state(model, optimizer)
+    with pytest.raises(ValueError, match=JIT_REFUSED):
+        model.compile(optimizer, jit_compile=True)
+    assert model.optimizer is None
+    assert_same_state(before, model_state(model, optimizer))
+
+    model.compile(optimizer)
+    model.fit(toy.dataset(toy.interactions(64, seed=1), 64), epochs=1, verbose=0)
+    train_function = model.train_function
+    with pytest.raises(ValueError, match=JIT_REFUSED):
+        model.jit_compile = True
+    assert not model.jit_compile and model.train_function is train_function
+
+    # What the message advises: the towers under XLA, the step as it is.
+    model = toy.ToyModel(cache_size=128)
+    model.candidate_tower = model.task.candidate_model = XlaTower(16)
+    model.compile(tf.keras.optimizers.Adam(0.05))
+    history = model.fit(toy.dataset(toy.interactions(64 * 2, seed=1), 64), epochs=1,
+                        verbose=0).history
+    assert np.isfinite(history["loss"][-1]) and int(model.task.cache.step.numpy()) == 2

@@ -9,6 +9,17 @@ from tfnegcache import distribute, restore, step
 from tfnegcache.retrieval import CacheRetrieval
 
 
+def _refuse_jit_compile(value) -> None:
+    if value:
+        raise ValueError(
+            "`jit_compile` must be False or None for a CachedRetrievalModel. Received: "
+            f"jit_compile={value!r}. Its caches find cached ids in a hash table "
+            "(tf.lookup.experimental.MutableHashTable, ops LookupTableFindV2 and "
+            "LookupTableInsertV2), which XLA cannot compile, so the first step would fail. "
+            "Compile the model without it, and run the towers under XLA instead: decorate "
+            "their computation with `tf.function(jit_compile=True)`.")
+
+
 class CachedRetrievalModel(tfrs.Model):
     """A `tfrs.Model` whose `train_step` also updates the caches of its `CacheRetrieval` tasks.
 
@@ -65,8 +76,25 @@ class CachedRetrievalModel(tfrs.Model):
         return tasks
 
     def compile(self, *args, **kwargs):
+        """`tf.keras.Model.compile`, refusing first what cannot train: two tasks sharing one
+        cache, and `jit_compile=True` (see `jit_compile`)."""
+        # jit_compile is compile's 8th parameter.
+        _refuse_jit_compile(kwargs.get("jit_compile", args[7] if len(args) > 7 else None))
         self.cache_tasks()   # refuses shared caches before anything is built
         return super().compile(*args, **kwargs)
+
+    @property
+    def jit_compile(self):
+        """False: the caches' id index is a hash table, which XLA cannot compile, so the
+        training and evaluation steps cannot be XLA-compiled as a whole. Setting it True raises
+        ValueError; compile the towers with XLA instead (`tf.function(jit_compile=True)` on
+        their computation)."""
+        return super().jit_compile
+
+    @jit_compile.setter
+    def jit_compile(self, value):
+        _refuse_jit_compile(value)
+        tfrs.Model.jit_compile.fset(self, value)
 
     def compile_from_config(self, config):
         """What `tf.keras.models.load_model` calls to compile a loaded `.keras` model: as
