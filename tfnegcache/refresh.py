@@ -47,8 +47,9 @@ def refresh_all(cache, encoder: Encoder, batch_size: int = 1024) -> int:
     (one traced function per store and chunk shape); returns the count.
 
     A chunk is written when it is encoded: if the encoder fails (or returns a non-finite row)
-    in a later chunk, the chunks before it stay refreshed. Every row is then either its old
-    value or the fresh one, and the id index is untouched.
+    in a later chunk, the chunks before it stay refreshed, and the error says up to which
+    slot. Every row is then either its old value or the fresh one, and the id index is
+    untouched.
     """
     batch_size = min(checks.integer("batch_size", batch_size, 1), cache.spec.size)
     total = 0
@@ -67,9 +68,23 @@ def refresh_all(cache, encoder: Encoder, batch_size: int = 1024) -> int:
             memo[key] = refresh_chunk
         filled = int(store.num_filled.numpy())
         for start in range(0, filled, batch_size):
-            memo[key](tf.constant(start, tf.int64))
+            try:
+                memo[key](tf.constant(start, tf.int64))
+            except tf.errors.OpError as error:
+                raise _stopped(error, f"refresh_all re-encoded slots [0, {start}) of "
+                                      f"{store.name!r} and stopped at the chunk of slots "
+                                      f"[{start}, {min(start + batch_size, filled)})") from error
         total += filled
     return total
+
+
+def _stopped(error: tf.errors.OpError, what: str) -> tf.errors.OpError:
+    """`error` (same type) with `what` was done before it in front of its message."""
+    message = f"{what}: {error.message}"
+    try:
+        return type(error)(error.node_def, error.op, message)
+    except TypeError:   # the base class also takes the code
+        return tf.errors.OpError(error.node_def, error.op, message, error.error_code)
 
 
 def warm_start(cache, dataset: tf.data.Dataset, candidate_model: Encoder, id_key: str = "id",
@@ -81,7 +96,7 @@ def warm_start(cache, dataset: tf.data.Dataset, candidate_model: Encoder, id_key
     Candidates are encoded by `candidate_model` with the current weights and inserted in
     dataset order (FIFO over distinct ids); the cache's step does not advance. Each batch is
     one transaction: a batch with a bad row (say a NaN embedding) raises and writes nothing,
-    and the batches before it stay inserted.
+    and the batches before it stay inserted (the error says how many rows that is).
 
     Args:
       dataset: candidates, e.g. the movie table as a `tf.data.Dataset`.
@@ -122,7 +137,11 @@ def warm_start(cache, dataset: tf.data.Dataset, candidate_model: Encoder, id_key
             raise ValueError(
                 f"warm_start: dataset elements must hold the candidate id under `id_key` "
                 f"({id_key!r}). Received keys: {sorted(element)}.")
-        rows += int(insert(element))
+        try:
+            rows += int(insert(element))
+        except tf.errors.OpError as error:
+            raise _stopped(error, f"warm_start inserted the first {rows} rows of the dataset "
+                                  f"and stopped at the batch of rows from {rows} on") from error
     return rows
 
 
