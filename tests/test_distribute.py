@@ -243,3 +243,17 @@ def test_a_checkpoint_of_two_shards_is_refused_on_one_device(tmp_path):
         after = full_state(model)
         for name, value in before.items():
             np.testing.assert_array_equal(value, after[name], err_msg=f"{fmt}: {name}")
+
+
+def test_a_step_the_loss_scale_skips_on_one_replica_changes_no_copy(tmp_path):
+    result = run_scenario(tmp_path, "loss_scale_skip")
+    for layout, found in result.items():
+        assert found["num_state"] > 20, layout
+        # Only the optimizer's step count moved; its scale halved (read after the next,
+        # applied, step: halved, not grown).
+        assert len(found["changed"]) == 2 and all("iteration" in k for k in found["changed"]), \
+            (layout, found["changed"])
+        assert found["scale"] == [2**10, 2**9], (layout, found["scale"])
+        # 3 steps, a skipped one, then one more on every copy (replicated) or shard.
+        assert found["steps_after_skip"] == [3, 3], (layout, found)
+        assert found["steps_after_next"] == [4, 4], (layout, found)
