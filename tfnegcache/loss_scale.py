@@ -10,7 +10,7 @@ weights nor to the caches (`apply_gradients` returns whether it applied), and tr
 on. A non-finite loss still fails the step.
 """
 
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import tensorflow as tf
 
@@ -45,17 +45,17 @@ def _all_finite(gradients) -> tf.Tensor:
 
 
 def apply_gradients(optimizer, gradients: Sequence, variables: Sequence
-                    ) -> Optional[tf.Tensor]:
-    """Applies the gradients; returns None when the optimizer always applies them, else a
-    bool scalar: whether it did (all gradients finite once summed over the replicas).
+                    ) -> Tuple[Optional[tf.Tensor], Optional[tf.Tensor]]:
+    """Applies the gradients; returns `(update, applied)`: the optimizer's update op (or
+    None), and None when the optimizer always applies, else a bool scalar: whether it did
+    (all gradients finite once summed over the replicas).
 
     A skipping optimizer's gradients are summed over the replicas here, as its own
     `apply_gradients` would, so that the decision read here is the one it takes.
     """
     pairs = list(zip(gradients, variables))
     if not skips_non_finite(optimizer):
-        optimizer.apply_gradients(pairs)
-        return None
+        return optimizer.apply_gradients(pairs), None
     inner = optimizer.inner_optimizer
     if hasattr(inner, "aggregate_gradients"):          # tf.keras.optimizers.Optimizer
         pairs = list(inner.aggregate_gradients(pairs))
@@ -63,5 +63,4 @@ def apply_gradients(optimizer, gradients: Sequence, variables: Sequence
         pairs = list(inner._aggregate_gradients(     # pylint: disable=protected-access
             inner._transform_unaggregated_gradients(pairs)))  # pylint: disable=protected-access
     applied = _all_finite([g for g, _ in pairs])
-    optimizer.apply_gradients(pairs, experimental_aggregate_gradients=False)
-    return applied
+    return optimizer.apply_gradients(pairs, experimental_aggregate_gradients=False), applied

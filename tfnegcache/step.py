@@ -103,7 +103,7 @@ def apply(step: TrainingStep, loss: tf.Tensor, gradients, variables, optimizer):
     then not written either (`tfnegcache.loss_scale`). `gradients` are the unscaled ones.
 
     Returns:
-      None, or under such an optimizer a bool scalar: whether the step was applied.
+      The optimizer's update op (or None).
     """
     prepared = [(cache, cache.prepare(update)) for cache, update, _ in step.updates]
     guards = [checks.finite(loss, "the loss")]
@@ -113,12 +113,13 @@ def apply(step: TrainingStep, loss: tf.Tensor, gradients, variables, optimizer):
     for _, writes in prepared:
         guards += writes.checks
     with tf.control_dependencies(guards):
-        # None, or whether a loss-scale optimizer applied (it skips non-finite gradients).
-        applied = loss_scale.apply_gradients(optimizer, gradients, variables)
-    with tf.control_dependencies(guards):
+        # `applied`: None, or whether a loss-scale optimizer applied (it skips non-finite
+        # gradients).
+        update, applied = loss_scale.apply_gradients(optimizer, gradients, variables)
+    with tf.control_dependencies(guards + [t for t in (update, applied) if t is not None]):
         for cache, writes in prepared:
             cache.commit(writes, when=applied)
-    return applied
+    return update
 
 
 def run_step(compute_loss: Callable[[], tf.Tensor], variables, optimizer) -> tf.Tensor:
