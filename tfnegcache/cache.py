@@ -9,7 +9,7 @@ computes every row the step writes and every check of them, reading but never wr
 
 import abc
 import dataclasses
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import tensorflow as tf
 
@@ -36,7 +36,7 @@ def refresh_seed(cache_seed: int, step) -> tf.Tensor:
         tf.constant([cache_seed, _REFRESH_STREAM], tf.int64), tf.cast(step, tf.int64))
 
 
-def when_true(when: Optional[tf.Tensor], fn) -> None:
+def when_true(when: Optional[tf.Tensor], fn: Callable[[], None]) -> None:
     """Runs `fn()` (writes, returning nothing), only if `when` is True when it is given.
     (A `tf.cond` in cross-replica or single-replica context: never around a `merge_call`.)"""
     if when is None:

@@ -96,7 +96,7 @@ class CachedRetrievalModel(tfrs.Model):
         _refuse_jit_compile(value)
         tfrs.Model.jit_compile.fset(self, value)
 
-    def compile_from_config(self, config):
+    def compile_from_config(self, config: dict) -> None:
         """What `tf.keras.models.load_model` calls to compile a loaded `.keras` model: as
         `tf.keras.Model`'s, which skips models that override `compile` (this one checks its
         tasks there), so that the optimizer and its state come back too."""
@@ -164,7 +164,7 @@ class CachedRetrievalModel(tfrs.Model):
         self._rebuild_indexes()
         return status
 
-    def set_weights(self, weights):
+    def set_weights(self, weights) -> None:
         """`tf.keras.Model.set_weights`, then the caches' id indexes the new ids imply."""
         super().set_weights(weights)
         self._rebuild_indexes()
