@@ -189,6 +189,27 @@ def sharded_exact(out):
     json.dump(result, open(out, "w"))
 
 
+def sharded_save(out):
+    """A sharded cache trained on 2 replicas, saved in every weights format (for a test that
+    loads it on one device)."""
+    split_cpu(2)
+    strategy = mirrored(2)
+    with strategy.scope():
+        model = make_model(64, "sharded", use_in_batch_negatives=False)
+        model.compile(tf.keras.optimizers.Adam(0.05))
+    model.fit(toy.dataset(toy.interactions(64 * 3, seed=9), 64), epochs=1, verbose=0)
+    model(tf.constant([0], tf.int64))
+    directory = os.path.dirname(out)
+    paths = {fmt: os.path.join(directory, name)
+             for fmt, name in (("tf", "sharded"), ("h5", "sharded.h5"),
+                               ("keras", "sharded.weights.h5"))}
+    for path in paths.values():
+        model.save_weights(path)
+    json.dump({"paths": paths,
+               "filled": [int(s.num_filled.numpy()) for s in model.task.cache.shards]},
+              open(out, "w"))
+
+
 # ------------------------------------------------------------------------------- replicated
 
 def replicated_identical(out):
@@ -295,6 +316,56 @@ def failed_step(out):
         result[layout] = {"error": error and error[-400:],
                           "changed": [k for k in before if before[k] != after[k]],
                           "num_state": len(before)}
+    json.dump(result, open(out, "w"))
+
+
+class RootQueries(tf.keras.layers.Embedding):
+    """sqrt(x^2): a finite output everywhere, a NaN gradient where an entry is 0."""
+
+    def call(self, ids):
+        return tf.sqrt(tf.square(super().call(ids)))
+
+
+def loss_scale_skip(out):
+    """Under mixed_float16 on 2 replicas, a step whose gradient is NaN on one replica only is
+    skipped by the loss-scale optimizer on both, and no copy of any cache changes; the next
+    step applies on both."""
+    split_cpu(2)
+    tf.keras.mixed_precision.set_global_policy("mixed_float16")
+    strategy = mirrored(2)
+    result = {}
+    for layout in ("replicated", "sharded"):
+        with strategy.scope():
+            model = make_model(128, layout=layout)
+            model.compile(tf.keras.mixed_precision.LossScaleOptimizer(
+                tf.keras.optimizers.Adam(0.05), initial_scale=2**10))
+        data = toy.interactions(64 * 4, seed=5)
+        model.fit(toy.dataset(data, 64).take(3), epochs=1, verbose=0)
+        scale = float(model.optimizer.loss_scale.numpy())
+        batch = {k: v[:64].copy() for k, v in toy.interactions(64, seed=6).items()}
+        user = int(batch["user_id"][40])             # in replica 1's half of the batch
+        batch["user_id"][:32] = np.where(batch["user_id"][:32] == user, (user + 1) % 120,
+                                         batch["user_id"][:32])
+        weights = model.query_tower.embeddings.numpy()
+        weights[user, 3] = 0.0
+        model.query_tower.embeddings.assign(weights)
+        model.query_tower.__class__ = RootQueries
+        model.train_function = None
+        before = full_state(model)
+        model.fit(toy.dataset(batch, 64), epochs=1, verbose=0)
+        after = full_state(model)
+        changed = [k for k in before if before[k] != after[k]]
+        steps_before = [np.asarray(c).tolist() for s in model.task.cache.stores()
+                        for c in replica_values(s.step)]
+        model.query_tower.__class__ = tf.keras.layers.Embedding
+        model.train_function = None
+        model.fit(toy.dataset(toy.interactions(64, seed=7), 64), epochs=1, verbose=0)
+        result[layout] = {
+            "changed": changed, "num_state": len(before),
+            "scale": [scale, float(model.optimizer.loss_scale.numpy())],
+            "steps_after_skip": steps_before,
+            "steps_after_next": [np.asarray(c).tolist() for s in model.task.cache.stores()
+                                 for c in replica_values(s.step)]}
     json.dump(result, open(out, "w"))
 
 

@@ -244,3 +244,46 @@ def test_multi_worker_resumes_from_backup_with_the_cache_after_a_worker_dies(tmp
         assert not np.array_equal(backed_up[0]["ids:0"], backed_up[1]["ids:0"])
     assert results[0]["cache_step"] == results[1]["cache_step"] == 4 * 12
     np.testing.assert_allclose(results[0]["loss"], results[1]["loss"], rtol=1e-6)
+
+
+def test_a_checkpoint_of_two_shards_is_refused_on_one_device(tmp_path):
+    # Written by 2 replicas; this process has one device, so one shard.
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+
+    import tfnegcache  # pylint: disable=import-outside-toplevel
+    import toy  # pylint: disable=import-outside-toplevel
+    from test_transaction import full_state  # pylint: disable=import-outside-toplevel
+
+    saved = run_scenario(tmp_path, "sharded_save")
+    assert min(saved["filled"]) > 0                 # both shards hold candidates
+    model = toy.ToyModel(cache_size=None, use_in_batch_negatives=False)
+    model.task.cache = tfnegcache.ShardedNegativeCache(64, toy.FEATURE_SPEC, 16)
+    model.task.staleness = tf.keras.metrics.Mean(name="cache_staleness")
+    model.compile(tf.keras.optimizers.Adam(0.05))
+    model.fit(toy.dataset(toy.interactions(64, seed=1), 64), epochs=1, verbose=0)
+    model(tf.constant([0], tf.int64))
+    assert len(model.task.cache.shards) == 1
+    before = full_state(model)
+    for fmt, path in saved["paths"].items():
+        with pytest.raises(ValueError, match=r"Cannot restore the cache 'negative_cache'.*saved "
+                                             r"as \[sharded over 2 shards, size=64, .*\], but "
+                                             r"the model's cache is \[sharded over 1 shard, "
+                                             r"size=64, .*Nothing was restored"):
+            model.load_weights(path)
+        after = full_state(model)
+        for name, value in before.items():
+            np.testing.assert_array_equal(value, after[name], err_msg=f"{fmt}: {name}")
+
+
+def test_a_step_the_loss_scale_skips_on_one_replica_changes_no_copy(tmp_path):
+    result = run_scenario(tmp_path, "loss_scale_skip")
+    for layout, found in result.items():
+        assert found["num_state"] > 20, layout
+        # Only the optimizer's step count moved; its scale halved (read after the next,
+        # applied, step: halved, not grown).
+        assert len(found["changed"]) == 2 and all("iteration" in k for k in found["changed"]), \
+            (layout, found["changed"])
+        assert found["scale"] == [2**10, 2**9], (layout, found["scale"])
+        # 3 steps, a skipped one, then one more on every copy (replicated) or shard.
+        assert found["steps_after_skip"] == [3, 3], (layout, found)
+        assert found["steps_after_next"] == [4, 4], (layout, found)

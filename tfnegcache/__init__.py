@@ -57,9 +57,9 @@ _EXPORTS = {
 
 # Submodules reachable as attributes (`tfnegcache.negatives.MIN_FLOAT`) without their own
 # import.
-_SUBMODULES = ("cache", "checks", "cost", "distribute", "export", "fifo", "model", "negatives",
-               "refresh", "restore", "retrieval", "sampling", "scoring", "sharded", "spec",
-               "step", "store")
+_SUBMODULES = ("cache", "checks", "cost", "distribute", "export", "fifo", "loss_scale",
+               "model", "negatives", "refresh", "restore", "retrieval", "sampling", "scoring",
+               "sharded", "spec", "step", "store")
 
 __all__ = sorted(_EXPORTS)
 

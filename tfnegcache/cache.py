@@ -9,7 +9,7 @@ computes every row the step writes and every check of them, reading but never wr
 
 import abc
 import dataclasses
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import tensorflow as tf
 
@@ -34,6 +34,15 @@ def refresh_seed(cache_seed: int, step) -> tf.Tensor:
     """The `[2]` stateless seed of the random refresh at cache step `step`."""
     return tf.random.experimental.stateless_fold_in(
         tf.constant([cache_seed, _REFRESH_STREAM], tf.int64), tf.cast(step, tf.int64))
+
+
+def when_true(when: Optional[tf.Tensor], fn: Callable[[], None]) -> None:
+    """Runs `fn()` (writes, returning nothing), only if `when` is True when it is given.
+    (A `tf.cond` in cross-replica or single-replica context: never around a `merge_call`.)"""
+    if when is None:
+        fn()
+    else:
+        tf.cond(when, fn, lambda: None)
 
 
 class Cache(tf.keras.layers.Layer, abc.ABC):
@@ -111,8 +120,10 @@ class Cache(tf.keras.layers.Layer, abc.ABC):
         """
 
     @abc.abstractmethod
-    def commit(self, writes: Writes) -> None:
-        """Applies prepared writes: scatters only."""
+    def commit(self, writes: Writes, when: Optional[tf.Tensor] = None) -> None:
+        """Applies prepared writes: scatters only; with `when` (a bool scalar, the same on
+        every replica), only if it is True (a step its loss-scale optimizer skipped writes
+        nothing)."""
 
     def update(self, update: Optional[CacheUpdate] = None, advance_step: bool = True) -> None:
         """`prepare` then `commit`: one transaction. With `advance_step` the cache's step
@@ -305,11 +316,19 @@ class NegativeCache(CacheStore, Cache):
                                   distribute.all_gather(valid), what)
         return self.plan(insert, written, checks_, advance_step)
 
-    def commit(self, writes: Writes) -> None:
+    def commit(self, writes: Writes, when: Optional[tf.Tensor] = None) -> None:
         """Applies prepared writes, once per worker in cross-replica context under a
-        strategy, to every copy of the variables and to the worker's id index."""
-        distribute.run_once(
-            lambda values: self.apply(dataclasses.replace(writes, **values)), writes.tensors())
+        strategy, to every copy of the variables and to the worker's id index (if `when`)."""
+        values = writes.tensors()
+        if when is not None:
+            values["when"] = when
+
+        def apply(values):
+            values = dict(values)
+            when = values.pop("when", None)
+            when_true(when, lambda: self.apply(dataclasses.replace(writes, **values)))
+
+        distribute.run_once(apply, values)
 
     def get_config(self):
         config = super().get_config()

@@ -6,7 +6,7 @@ from typing import List, Optional
 import tensorflow as tf
 
 from tfnegcache import distribute, sampling
-from tfnegcache.cache import Cache, draw_seed, refresh_seed
+from tfnegcache.cache import Cache, draw_seed, refresh_seed, when_true
 from tfnegcache.negatives import CacheNegatives
 from tfnegcache.spec import CacheSpec
 from tfnegcache.store import CacheStore, CacheUpdate, Writes
@@ -179,8 +179,8 @@ class ShardedNegativeCache(Cache):
             local.append((slots % self.spec.size, rows, mine, what))
         return self.local_shard().plan(insert, local, checks_, advance_step)
 
-    def commit(self, writes: Writes) -> None:
-        self.local_shard().apply(writes)
+    def commit(self, writes: Writes, when: Optional[tf.Tensor] = None) -> None:
+        when_true(when, lambda: self.local_shard().apply(writes))
 
     def insert(self, features, embeddings, ids) -> None:
         """Inserts into the current replica's shard (shard 0 outside a replica context)."""

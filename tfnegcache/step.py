@@ -18,7 +18,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import tensorflow as tf
 
-from tfnegcache import checks
+from tfnegcache import checks, loss_scale
 
 _CURRENT = contextvars.ContextVar("tfnegcache_training_step", default=None)
 _IN_BATCH_ONLY = contextvars.ContextVar("tfnegcache_in_batch_only", default=False)
@@ -46,6 +46,13 @@ class TrainingStep:
             tasks would plan their inserts from the same state and corrupt it).
         """
         for other, _, name in self.updates:
+            if other is cache and name == task_name:
+                raise ValueError(
+                    f"The task {name!r} was called twice in one training step: each call "
+                    f"draws from and writes to the cache {cache.name!r}, and each would plan "
+                    "its inserts from the same state, so the cache would be corrupted. Call "
+                    "each CacheRetrieval task once per step (concatenate the batches), or give "
+                    "each call a task with a cache of its own.")
             if other is cache:
                 raise ValueError(
                     f"The tasks {name!r} and {task_name!r} both draw from and write to the "
@@ -91,21 +98,28 @@ def apply(step: TrainingStep, loss: tf.Tensor, gradients, variables, optimizer):
     """Prepares the step's cache updates, then applies the gradients and the updates behind
     one guard: the loss, every gradient and every prepared row must pass their checks first.
 
+    Under a loss-scale optimizer with a dynamic scale (`mixed_float16`), non-finite gradients
+    do not fail the step: the optimizer skips it and lowers its scale, and the caches are
+    then not written either (`tfnegcache.loss_scale`). `gradients` are the unscaled ones.
+
     Returns:
       The optimizer's update op (or None).
     """
     prepared = [(cache, cache.prepare(update)) for cache, update, _ in step.updates]
     guards = [checks.finite(loss, "the loss")]
-    guards += [checks.finite(g, f"the gradient of `{v.name}`")
-               for g, v in zip(gradients, variables) if g is not None]
+    if not loss_scale.skips_non_finite(optimizer):
+        guards += [checks.finite(g, f"the gradient of `{v.name}`")
+                   for g, v in zip(gradients, variables) if g is not None]
     for _, writes in prepared:
         guards += writes.checks
     with tf.control_dependencies(guards):
-        applied = optimizer.apply_gradients(zip(gradients, variables))
-    with tf.control_dependencies(guards + ([applied] if applied is not None else [])):
+        # `applied`: None, or whether a loss-scale optimizer applied (it skips non-finite
+        # gradients).
+        update, applied = loss_scale.apply_gradients(optimizer, gradients, variables)
+    with tf.control_dependencies(guards + [t for t in (update, applied) if t is not None]):
         for cache, writes in prepared:
-            cache.commit(writes)
-    return applied
+            cache.commit(writes, when=applied)
+    return update
 
 
 def run_step(compute_loss: Callable[[], tf.Tensor], variables, optimizer) -> tf.Tensor:
@@ -142,8 +156,9 @@ def run_step(compute_loss: Callable[[], tf.Tensor], variables, optimizer) -> tf.
     with recording() as step:
         with tf.GradientTape() as tape:
             loss = compute_loss()
+            scaled_loss = loss_scale.scale(optimizer, loss)
     if callable(variables):
         variables = variables()
-    gradients = tape.gradient(loss, variables)
+    gradients = loss_scale.unscale(optimizer, tape.gradient(scaled_loss, variables))
     apply(step, loss, gradients, variables, optimizer)
     return loss
