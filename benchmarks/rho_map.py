@@ -553,9 +553,11 @@ def compare(runs: List[dict], timings: Dict[str, dict]) -> List[dict]:
         if timed is None:
             continue
         any_run = next(iter(methods.values()))
-        seconds, points = any_run["seconds"], len(any_run["marks"])
-        for j in reversed(range(points)):
-            mark = seconds / 2 ** j
+        # Every run's marks (runs of one group may have different budgets).
+        marks = sorted({r["seconds"] / 2 ** j for r in methods.values()
+                        for j in range(len(r["marks"]))})
+        longest = max(marks)
+        for mark in marks:
             at = {}
             clamped = []
             for method, r in methods.items():
@@ -579,7 +581,7 @@ def compare(runs: List[dict], timings: Dict[str, dict]) -> List[dict]:
             top = max(cache, key=lambda m: cache[m][0])
             row = {"group": group, "setting": any_run["setting"], "shape": any_run["shape"],
                    "seed": seed, "rho": timed.get("rho"), "seconds": mark,
-                   "fraction": 1 / 2 ** j, "best_baseline": best,
+                   "fraction": mark / longest, "best_baseline": best,
                    "baseline_r@10": base[best][0], "cache": top, "cache_r@10": cache[top][0],
                    "removed": removed(cache[top][0], base[best][0]),
                    "baselines_run": sorted(base), "caches_run": sorted(cache),
@@ -618,10 +620,24 @@ def crossover(points: List[tuple]):
 
 
 def summarise(comparison: List[dict]) -> List[dict]:
-    """At T: mean and spread over seeds per group."""
-    final = [c for c in comparison if c["fraction"] == 1.0]
+    """At each (group, seed)'s last compared mark (T when every method ran to T): mean and
+    spread over seeds per group, and whether the best baseline had converged there (gained
+    less than 0.01 recall@10 from the mark before, half the time)."""
+    last = {}
+    for c in comparison:
+        key = (c["group"], c["seed"])
+        if key not in last or c["seconds"] > last[key]["seconds"]:
+            last[key] = c
+    previous = {}
+    for c in comparison:
+        key = (c["group"], c["seed"])
+        if abs(c["seconds"] - last[key]["seconds"] / 2) < 1e-6:
+            previous[key] = c
     groups = {}
-    for c in final:
+    for key, c in last.items():
+        before = previous.get(key)
+        c = dict(c, baseline_gain=(c["baseline_r@10"] - before["baseline_r@10"]
+                                   if before else None))
         groups.setdefault(c["group"], []).append(c)
     out = []
     for group, rows in sorted(groups.items(), key=lambda kv: (kv[1][0]["shape"],
@@ -635,7 +651,12 @@ def summarise(comparison: List[dict]) -> List[dict]:
                     "baseline_r@10": float(np.mean([c["baseline_r@10"] for c in rows])),
                     "best_baselines": " ".join(sorted({c["best_baseline"] for c in rows})),
                     "cache_r@10": float(np.mean([c["cache_r@10"] for c in rows])),
-                    "caches": " ".join(sorted({c["cache"] for c in rows}))})
+                    "caches": " ".join(sorted({c["cache"] for c in rows})),
+                    "seconds": min(c["seconds"] for c in rows),
+                    "baselines_run": " ".join(rows[0]["baselines_run"]),
+                    "baseline_gain_last_doubling": " / ".join(
+                        "-" if c["baseline_gain"] is None else f"{c['baseline_gain']:+.3f}"
+                        for c in rows)})
     return out
 
 
@@ -646,8 +667,9 @@ def report(log=print):
     comparison = compare(runs, timings)
     summary = summarise(comparison)
     steps = per_step(runs)
-    columns = ["group", "shape", "rho", "seeds", "removed_mean", "removed_sd",
-               "removed_per_seed", "baseline_r@10", "best_baselines", "cache_r@10", "caches"]
+    columns = ["group", "shape", "rho", "seconds", "seeds", "removed_mean", "removed_sd",
+               "removed_per_seed", "baseline_r@10", "best_baselines", "cache_r@10", "caches",
+               "baseline_gain_last_doubling", "baselines_run"]
     log(_common.table(summary, columns))
     log("")
     log(_common.table(comparison, ["group", "seed", "rho", "seconds", "best_baseline",
