@@ -1,0 +1,38 @@
+"""The Keras 3 tests: one process per backend (`KERAS_BACKEND=jax` or `tensorflow`, fixed
+before Keras loads). `tests/test_keras3.py` runs this directory once per backend; run it
+alone with
+
+    KERAS_BACKEND=jax python -m pytest tests/keras3 -q
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import tfnegcache.keras3  # noqa: F401  first: Keras 3, TF_USE_LEGACY_KERAS left alone
+
+import keras  # noqa: E402
+import pytest  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+
+def pytest_report_header(config):
+    return f"Keras {keras.__version__}, backend {keras.backend.backend()}"
+
+
+@pytest.fixture(scope="session", name="tf_reference")
+def fixture_tf_reference(tmp_path_factory):
+    """The TF front end's numbers on `cases.py` (computed by the main suite, or here)."""
+    path = os.environ.get("TFNEGCACHE_TF_REFERENCE")
+    if not path:
+        path = str(tmp_path_factory.mktemp("tf_reference") / "reference.json")
+        env = {k: v for k, v in os.environ.items() if k != "KERAS_BACKEND"}
+        env["TF_USE_LEGACY_KERAS"] = "1"
+        result = subprocess.run([sys.executable, os.path.join(HERE, "tf_reference.py"), path],
+                                env=env, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
