@@ -16,17 +16,17 @@ def numpy(x):
 
 
 def state(*layers):
-    """Every variable of `layers` (and optimizers) as numpy arrays, by path."""
-    out = {}
-    for layer in layers:
-        for variable in layer.variables:
-            out[variable.path] = numpy(variable.value).copy()
-    return out
+    """Every variable of `layers` (and optimizers): `[(path, numpy array)]` in their order, so
+    two instances of one model compare position by position."""
+    return [(variable.path, numpy(variable.value).copy())
+            for layer in layers for variable in layer.variables]
 
 
 def assert_same_state(before, after):
-    assert before.keys() == after.keys()
-    changed = [k for k in before if not np.array_equal(before[k], after[k], equal_nan=True)]
+    """Bit-identical (NaN equal to NaN), variable by variable."""
+    assert len(before) == len(after)
+    changed = [path for (path, a), (_, b) in zip(before, after)
+               if a.shape != b.shape or not np.array_equal(a, b, equal_nan=True)]
     assert not changed, f"changed: {changed}"
 
 
