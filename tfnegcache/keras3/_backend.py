@@ -128,11 +128,22 @@ def compile_function(fn, donate_first: bool = False):
 # ---------------------------------------------------------------------------- checks
 
 
+def shape(tensor):
+    """`tensor`'s shape: Python ints where static (always, under JAX), scalar tensors where
+    TensorFlow knows a dimension at run time only (a dynamic batch). `keras.ops.shape` gives
+    None for those."""
+    static = tuple(tensor.shape)
+    if all(d is not None for d in static):
+        return tuple(int(d) for d in static)
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+    dynamic = tf.shape(tensor)
+    return [int(d) if d is not None else dynamic[i] for i, d in enumerate(static)]
+
+
 def num_rows(tensor):
-    """The first dimension of `tensor`: a Python int when static (always, under JAX), else a
-    scalar tensor (TensorFlow with a dynamic batch); the fixed-shape code works with both."""
-    dim = tensor.shape[0]
-    return int(dim) if dim is not None else ops.shape(tensor)[0]
+    """The first dimension of `tensor` (see `shape`); the fixed-shape code works with both
+    kinds."""
+    return shape(tensor)[0]
 
 
 def static_rows(tensor):
@@ -142,15 +153,17 @@ def static_rows(tensor):
     return None if dim is None else int(dim)
 
 
-def same_rows(tensor, num_rows, what: str, of: str):
+def same_rows(tensor, num_rows_, what: str, of: str):
     """Raises ValueError now when `tensor`'s rows and `num_rows` are both static and differ;
     returns a `(message, ok)` run-time check (a bool scalar) when either is dynamic, else
     None."""
+    if num_rows_ is None:
+        return None
     rows = static_rows(tensor)
-    if rows is not None and isinstance(num_rows, int):
-        if rows != num_rows:
-            raise ValueError(f"{what} has {rows} rows but there are {num_rows} {of}. "
+    if rows is not None and isinstance(num_rows_, int):
+        if rows != num_rows_:
+            raise ValueError(f"{what} has {rows} rows but there are {num_rows_} {of}. "
                              f"Received shape {tuple(tensor.shape)}.")
         return None
-    ok = ops.equal(ops.shape(tensor)[0], num_rows)
+    ok = ops.equal(num_rows(tensor), num_rows_)
     return (f"{what} does not have one row per {of[:-1] if of.endswith('s') else of}", ok)

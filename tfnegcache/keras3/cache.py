@@ -145,7 +145,7 @@ class NegativeCache(CacheStore):
         slots = ops.reshape(result.slots, [-1])
         features, stale, _ = self.gather(slots)
         valid = ops.broadcast_to(ops.expand_dims(ops.isfinite(result.log_mass), -1),
-                                 ops.shape(result.log_prob))
+                                 _backend.shape(result.log_prob))
         return CacheNegatives(slots, features, stale, result.log_prob, valid, result.log_mass)
 
     def draw_uniform(self, num_queries: int, num_samples: int, masked_ids=None,

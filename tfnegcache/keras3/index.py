@@ -27,7 +27,7 @@ def lookup(index_ids, index_slots, ids):
                            num - 1)
     found = ops.equal(ops.take(index_ids, position), flat)
     slots = ops.where(found, ops.take(index_slots, position), -1)
-    return ops.reshape(slots, ops.shape(ids))
+    return ops.reshape(slots, _backend.shape(ids))
 
 
 def update(index_ids, index_slots, removed_ids, removed, new_ids, new_slots, new):

@@ -156,7 +156,7 @@ class CacheRetrieval(keras.layers.Layer):
         candidate_ids, id_check = spec.check_ids(candidate_ids)
         rows = _backend.static_rows(candidate_embeddings)
         row_check = _backend.same_rows(
-            candidate_ids, rows if rows is not None else ops.shape(candidate_embeddings)[0],
+            candidate_ids, rows if rows is not None else _backend.shape(candidate_embeddings)[0],
             "`candidate_ids`", "candidate embeddings")
         features = spec.check_features(candidate_features, rows)
         return candidate_ids, features, [c for c in (id_check, row_check) if c is not None]
@@ -172,9 +172,9 @@ class CacheRetrieval(keras.layers.Layer):
                 + (f" with keys {sorted(embeddings)}" if isinstance(embeddings, Mapping) else "")
                 + ".")
         embeddings = self.cache.spec.check_embeddings(embeddings, "candidate_model output")
-        rows = _backend.static_rows(next(iter(features.values())))
-        _backend.same_rows(embeddings, rows, "`candidate_model` output",
-                           "cached candidates given to it")
+        # Checked when both are static (a tower that drops rows fails the reshape otherwise).
+        _backend.same_rows(embeddings, _backend.static_rows(next(iter(features.values()))),
+                           "`candidate_model` output", "cached candidates given to it")
         return ops.cast(embeddings, dtype)
 
     # ------------------------------------------------------------------ the columns
@@ -188,7 +188,7 @@ class CacheRetrieval(keras.layers.Layer):
         scores = ops.matmul(query_embeddings, ops.transpose(candidate_embeddings))
         labels = ops.cast(ops.equal(
             ops.expand_dims(ops.arange(_backend.num_rows(scores), dtype="int32"), 1),
-            ops.expand_dims(ops.arange(ops.shape(scores)[1], dtype="int32"), 0)), scores.dtype)
+            ops.expand_dims(ops.arange(_backend.shape(scores)[1], dtype="int32"), 0)), scores.dtype)
         if self._temperature is not None:
             scores = scores / self._temperature
         if candidate_sampling_probability is not None:

@@ -34,7 +34,7 @@ def gumbel_noise(shape, key, dtype="float32"):
 def gumbel_argmax(logits, key):
     """One Gumbel-Max draw along the last axis of `logits` (`-inf` entries are never drawn):
     `(index int32 [...], perturbed [...])`."""
-    perturbed = logits + gumbel_noise(ops.shape(logits), key, logits.dtype)
+    perturbed = logits + gumbel_noise(_backend.shape(logits), key, logits.dtype)
     return ops.cast(ops.argmax(perturbed, axis=-1), "int32"), ops.max(perturbed, axis=-1)
 
 

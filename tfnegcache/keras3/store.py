@@ -167,7 +167,7 @@ class CacheStore(keras.layers.Layer):
             positions = ops.where(masked_slots >= 0, masked_slots, size)
             bias = ops.scatter_update(
                 ops.concatenate([bias, ops.zeros([1])], 0), ops.expand_dims(positions, -1),
-                ops.full(ops.shape(positions), NEG_INF))[:size]
+                ops.full(_backend.shape(positions), NEG_INF))[:size]
         return bias
 
     def random_filled_slots(self, num_slots: int, key):
@@ -208,7 +208,7 @@ class CacheStore(keras.layers.Layer):
             rows = _backend.static_rows(embeddings)
             features = spec.check_features(update.insert_features, rows)
             for check in (id_check,
-                          _backend.same_rows(ids, rows if rows is not None else ops.shape(
+                          _backend.same_rows(ids, rows if rows is not None else _backend.shape(
                               embeddings)[0], "`candidate_ids`", "candidate embeddings")):
                 if check is not None:
                     checks.append(check)
@@ -249,10 +249,10 @@ class CacheStore(keras.layers.Layer):
             s = ops.cast(ops.reshape(s, [-1]), "int32")
             check = _backend.same_rows(
                 r, _backend.static_rows(s) if _backend.static_rows(s) is not None
-                else ops.shape(s)[0], f"`{what}`", "slots")
+                else _backend.shape(s)[0], f"`{what}`", "slots")
             if check is not None:
                 checks.append(check)
-            v = ops.ones(ops.shape(s), "bool") if v is None else ops.reshape(v, [-1])
+            v = ops.ones(_backend.shape(s), "bool") if v is None else ops.reshape(v, [-1])
             checks.append(_finite(r, f"`{what}`"))
             slots.append(s)
             rows.append(ops.cast(r, spec.embedding_dtype))
@@ -304,9 +304,9 @@ class CacheStore(keras.layers.Layer):
             scatter(variable, writes.insert_slots, writes.insert_features[key])
         scatter(self.ids, writes.insert_slots, writes.insert_ids)
         scatter(self.inserted_at, writes.insert_slots,
-                ops.full(ops.shape(writes.insert_slots), stamp, "int32"))
+                ops.full(_backend.shape(writes.insert_slots), stamp, "int32"))
         scatter(self.embeddings, writes.slots, writes.embeddings)
-        scatter(self.updated_at, writes.slots, ops.full(ops.shape(writes.slots), stamp, "int32"))
+        scatter(self.updated_at, writes.slots, ops.full(_backend.shape(writes.slots), stamp, "int32"))
         # A masked update's index, cursor and fill are the current ones (`masked`).
         self.index_ids.assign(writes.index_ids)
         self.index_slots.assign(writes.index_slots)
