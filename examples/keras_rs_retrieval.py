@@ -3,6 +3,7 @@
     KERAS_BACKEND=jax python examples/keras_rs_retrieval.py                  # mse, in-batch, cache
     KERAS_BACKEND=tensorflow python examples/keras_rs_retrieval.py --loss cache
     KERAS_BACKEND=jax python examples/keras_rs_retrieval.py --quick          # 2 epochs
+    ... --loss cache --export saved_models/keras_rs_cache    # then serve it from TensorFlow
 
 The code in `run` is keras-rs's `examples/basic_retrieval.py` ("Recommending movies:
 retrieval") as keras-rs writes it: two embedding towers, a `BruteForceRetrieval` layer sharing
@@ -212,6 +213,8 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="2 epochs")
     parser.add_argument("--data-dir", help="MovieLens in the GroupLens ml-100k layout")
     parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--export", help="export the last model's user tower and a top-100 "
+                                         "index over every movie here (a SavedModel)")
     parser.add_argument("--verbose", type=int, default=2)
     args = parser.parse_args(argv)
     epochs = 2 if args.quick else args.epochs
@@ -224,6 +227,15 @@ def main(argv=None):
               f"{result['top_100_accuracy']:.4f} after {epochs} epochs "
               f"({result['fit_seconds']:.0f} s)   [TFRS tutorial, tfrs.tasks.Retrieval: "
               f"{TFRS_TUTORIAL_TOP_100}]", flush=True)
+    if args.export:
+        from tfnegcache.keras3.export import export_retrieval_model  # pylint: disable=import-outside-toplevel
+        model = results[-1]["model"]
+        movies_count = model.candidate_embedding.embeddings.shape[0] - 1
+        export_retrieval_model(
+            model.user_embedding, model.candidate_embedding.embeddings[1:],
+            np.arange(1, movies_count + 1, dtype="int32"), args.export, k=100,
+            input_signature=[keras.InputSpec(shape=(None,), dtype="int32")], overwrite=True)
+        print(f"exported the user tower and a top-100 index to {args.export}")
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w", encoding="utf-8") as f:
