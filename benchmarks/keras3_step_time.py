@@ -209,40 +209,44 @@ def _jax_scoring(num_slots, repeats):
 
 
 def _fusion_report(hlo: str) -> dict:
-    """The kernels in the loop body of the compiled log-mass: a dot, and the fusions after it
-    (with the elementwise and reduce ops each holds)."""
-    computations = {}
-    current = None
+    """The kernels of the tile loop's body in the compiled log-mass (the `while` body): each
+    fusion with the ops it holds, and whether the exp and the block sums share a kernel (and
+    whether the matmul does too)."""
+    computations, name = {}, None
     for line in hlo.splitlines():
-        header = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$", line.strip())
-        if header and "=" not in line.split("{")[0]:
-            current = header.group(1)
-            computations[current] = []
-        elif current is not None and line.strip() == "}":
-            current = None
-        elif current is not None:
-            computations[current].append(line.strip())
-    bodies = [name for name in computations if "body" in name or "while" in name.lower()]
-    report = {"loop_bodies": len(bodies), "kernels": []}
-    for name in bodies:
-        for line in computations[name]:
-            op = re.search(r"= \S+ (\w[\w\-]*)\(", line)
-            if not op:
+        header = re.match(r"^(?:ENTRY )?%([\w.\-]+) \(.*\{$", line)
+        if header:
+            name = header.group(1)
+            computations[name] = []
+        elif line.startswith("}"):
+            name = None
+        elif name is not None:
+            computations[name].append(line.strip())
+    skip = {"parameter", "constant", "bitcast", "broadcast", "get-tuple-element", "tuple",
+            "copy"}
+    kernels = []
+    for body in sorted(set(re.findall(r"body=%([\w.\-]+)", hlo))):
+        for line in computations.get(body, []):
+            op = re.search(r"= \S+ ([\w\-]+)\(", line)
+            if not op or op.group(1) in skip:
                 continue
-            kind = op.group(1)
-            if kind in ("fusion", "dot", "custom-call", "convolution"):
-                called = re.search(r"calls=%?([\w.\-]+)", line)
-                inside = computations.get(called.group(1), []) if called else []
-                ops_inside = sorted({m.group(1) for m in (
-                    re.search(r"= \S+ (\w[\w\-]*)\(", x) for x in inside) if m})
-                report["kernels"].append({"kind": kind, "ops": ops_inside})
-    fused = [k for k in report["kernels"] if k["kind"] == "fusion"
-             and "exponential" in k["ops"]]
-    report["exp_fused_with"] = fused[0]["ops"] if fused else None
-    report["exp_and_sum_in_one_kernel"] = bool(
-        fused and ("reduce" in fused[0]["ops"] or any("reduce" in o for o in fused[0]["ops"])))
-    report["dot_in_same_kernel_as_exp"] = bool(fused and "dot" in fused[0]["ops"])
-    return report
+            called = re.search(r"calls=%([\w.\-]+)", line)
+            inside = set()
+            for inner in computations.get(called.group(1), []) if called else []:
+                found = re.search(r"= \S+ ([\w\-]+)\(", inner)
+                if found and found.group(1) not in skip:
+                    inside.add(found.group(1))
+            kind = re.search(r"kind=(\w+)", line)
+            kernels.append({"op": op.group(1), "kind": kind.group(1) if kind else None,
+                            "ops": sorted(inside)})
+    exp = [k for k in kernels if "exponential" in k["ops"]]
+    return {
+        "kernels": kernels,
+        "exp_and_sum_in_one_kernel": bool(exp and "reduce" in exp[0]["ops"]),
+        "matmul_in_that_kernel": bool(exp and "dot" in exp[0]["ops"]),
+        "passes_over_the_tile_after_the_dot": sum(
+            1 for k in kernels if "reduce" in k["ops"] or "exponential" in k["ops"]),
+    }
 
 
 def _keras3_tf_logmass(num_slots, repeats):
