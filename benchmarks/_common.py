@@ -1,24 +1,59 @@
-"""Shared pieces of the benchmarks: output paths, timing, tables, the benchmark towers."""
+"""Shared pieces of the benchmarks: TensorFlow on demand, output paths, the machine a result
+was measured on, timing, tables, plots, and the benchmarks' child processes.
 
-import tfnegcache  # noqa: F401  (first: selects Keras 2)
+Importing this module does not import TensorFlow (`tf()` does, on first use), so modules that
+only generate data, such as `benchmarks.workload`'s generator, use it without TensorFlow. The
+towers the step-time benchmarks train are in `benchmarks.token_towers`.
+"""
 
+import tfnegcache  # noqa: F401  (first: TensorFlow, whenever it is imported, gets Keras 2)
+
+import importlib.metadata
 import json
 import os
 import platform
+import subprocess
+import sys
 import time
 
 import numpy as np
-import tensorflow as tf
 
 # Where results go; TFNEGCACHE_BENCHMARK_DIR overrides it (the smoke tests use a temp dir).
 RESULTS = os.environ.get("TFNEGCACHE_BENCHMARK_DIR") or os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "results", "benchmarks")
 
+# The environment variables that size TensorFlow's and OpenMP's thread pools.
+THREAD_VARIABLES = ("TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS", "OMP_NUM_THREADS")
 
-def machine():
-    return {"cpus": os.cpu_count(), "platform": platform.platform(),
-            "tensorflow": tf.__version__,
-            "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None}
+
+def tf():
+    """The `tensorflow` module, imported on first use (after `tfnegcache`: Keras 2)."""
+    import tensorflow  # pylint: disable=import-outside-toplevel
+    return tensorflow
+
+
+def machine(load_average=True, threads=False):
+    """What a result was measured on: CPU count, platform and TensorFlow version; with
+    `load_average` the machine's load (other jobs on a shared machine), with `threads` the
+    thread-pool variables of the environment."""
+    out = {"cpus": os.cpu_count(), "platform": platform.platform(),
+           "tensorflow": _tensorflow_version()}
+    if load_average:
+        out["load_average"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+    if threads:
+        out["threads"] = {k: os.environ.get(k) for k in THREAD_VARIABLES}
+    return out
+
+
+def _tensorflow_version():
+    """TensorFlow's version, read from the installed package when TensorFlow is not imported
+    yet: a parent that only runs child processes then never imports it (seconds per run)."""
+    if "tensorflow" in sys.modules:
+        return sys.modules["tensorflow"].__version__
+    try:
+        return importlib.metadata.version("tensorflow")
+    except importlib.metadata.PackageNotFoundError:   # another distribution, e.g. tf-nightly
+        return tf().__version__
 
 
 def write_json(name, payload):
@@ -33,6 +68,14 @@ def write_json(name, payload):
 def plot_path(name):
     os.makedirs(RESULTS, exist_ok=True)
     return os.path.join(RESULTS, f"{name}.png")
+
+
+def pyplot():
+    """`matplotlib.pyplot` drawing to files only (the Agg backend: no display needed)."""
+    import matplotlib  # pylint: disable=import-outside-toplevel
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+    return plt
 
 
 def time_fn(fn, repeats, warmup=1, cpu=None):
@@ -55,7 +98,7 @@ def time_fn(fn, repeats, warmup=1, cpu=None):
 
 
 def _block(result):
-    for t in tf.nest.flatten(result):
+    for t in tf().nest.flatten(result):
         if hasattr(t, "numpy"):
             t.numpy()
 
@@ -74,113 +117,52 @@ def table(rows, columns):
     return "\n".join(lines)
 
 
-HASH_BUCKETS = 2**14
-HIDDEN_UNITS = 128
+# ------------------------------------------------------------------------ child processes
+# A benchmark that measures in a fresh process (its own TensorFlow, its own peak memory)
+# runs `python -m benchmarks.<name> --child ...`; the child prints one `RESULT {json}` line.
+
+RESULT_PREFIX = "RESULT "
 
 
-class TokenBagTower(tf.keras.Model):
-    """Mean of hashed token embeddings, then an MLP: `[M, T]` int tokens -> `[M, dim]`.
+def report_result(result):
+    """The child's side: prints `result` as the line `run_child` reads."""
+    print(RESULT_PREFIX + json.dumps(result), flush=True)
 
-    Tokens are hashed (`token % buckets`) into a moderate table: with tf-keras Adam a dense
-    update of a 2^16-row table costs more than the towers themselves.
+
+class ChildFailed(RuntimeError):
+    """A child exited non-zero or printed no RESULT line; `errors` holds the last lines of
+    its stderr that name an error."""
+
+    def __init__(self, message, errors):
+        super().__init__(message)
+        self.errors = errors
+
+
+def run_child(module, args, attempts=1, label=None, cwd=None, pythonpath=None):
+    """Runs `python -m <module> <args>` and returns the dict of the child's last RESULT line,
+    with `child_wall_s`, the child's wall seconds.
+
+    `attempts` > 1 retries a failed child (on a shared machine a child can die of
+    contention); with a `label` each failure is printed. `cwd` and `pythonpath` (which
+    replaces PYTHONPATH) choose the `tfnegcache` and `benchmarks` the child imports. Raises
+    `ChildFailed` when every attempt failed.
     """
-
-    def __init__(self, dim=64, buckets=HASH_BUCKETS, hidden=HIDDEN_UNITS, normalize=False,
-                 name=None):
-        super().__init__(name=name)
-        self.normalize = normalize
-        self.buckets = buckets
-        self.table = tf.keras.layers.Embedding(buckets, dim)
-        self.hidden = tf.keras.layers.Dense(hidden, activation="relu")
-        self.out = tf.keras.layers.Dense(dim)
-
-    def call(self, tokens):
-        tokens = tf.math.floormod(tf.cast(tokens, tf.int32), self.buckets)
-        bag = tf.reduce_mean(self.table(tokens), axis=1)
-        out = self.out(self.hidden(bag)) + bag
-        return tf.math.l2_normalize(out, axis=-1) if self.normalize else out
-
-
-REFERENCE_VOCAB = 50_000
-
-
-class ReferenceBagTower(tf.keras.Model):
-    """The reference code's tower: a token bag over a `vocab`-row table (no hashing beyond
-    `token % vocab`), mean, `Dense(hidden, relu)`, `Dense(dim)`. Its table gets a dense Adam
-    update each step, as in the reference."""
-
-    def __init__(self, dim=64, vocab=REFERENCE_VOCAB, hidden=HIDDEN_UNITS, name=None):
-        super().__init__(name=name)
-        self.vocab = vocab
-        self.table = tf.keras.layers.Embedding(vocab, dim)
-        self.hidden = tf.keras.layers.Dense(hidden, activation="relu")
-        self.out = tf.keras.layers.Dense(dim)
-
-    def call(self, tokens):
-        tokens = tf.math.floormod(tf.cast(tokens, tf.int32), self.vocab)
-        return self.out(self.hidden(tf.reduce_mean(self.table(tokens), axis=1)))
-
-
-class TwoTower(tfnegcache.CachedRetrievalModel):
-    """Query tower over query tokens, candidate tower over the candidate's tokens.
-
-    `cache_size=None`: in-batch negatives only (`logq` adds the logQ correction).
-    `normalize`: unit-norm embeddings (use with a temperature).
-    `all_candidate_tokens`: `[N, T]`, the whole corpus (ids are row numbers): the exact full
-    softmax, every candidate through the candidate tower each step (no cache, no sampling).
-    `buckets`, `hidden`: both towers' hash table rows and MLP width (capacity).
-    `tower`: "hashed" (`TokenBagTower`) or "reference" (`ReferenceBagTower`, the reference
-    code's towers: a 50k-token table, mean, Dense(128, relu), Dense(dim)).
-    `scoring_dtype`: the cache's (`NegativeCache(scoring_dtype=...)`); None leaves it out.
-    """
-
-    def __init__(self, tokens_per_candidate, cache_size=None, dim=64, logq=False, seed=0,
-                 temperature=None, embedding_dtype=tf.float32, use_in_batch_negatives=True,
-                 normalize=False, num_negatives=1, refresh_per_step=0, all_candidate_tokens=None,
-                 buckets=HASH_BUCKETS, hidden=HIDDEN_UNITS, tower="hashed",
-                 scoring_dtype=None):
-        super().__init__()
-        tf.keras.utils.set_random_seed(seed)
-        if tower == "reference":
-            self.query_tower = ReferenceBagTower(dim, hidden=hidden, name="query_tower")
-            self.candidate_tower = ReferenceBagTower(dim, hidden=hidden, name="candidate_tower")
-        elif tower == "hashed":
-            self.query_tower = TokenBagTower(dim, buckets, hidden, normalize=normalize,
-                                             name="query_tower")
-            self.candidate_tower = TokenBagTower(dim, buckets, hidden, normalize=normalize,
-                                                 name="candidate_tower")
-        else:
-            raise ValueError(f"tower must be 'hashed' or 'reference', got {tower!r}")
-        self.logq = logq
-        self.temperature = temperature
-        self.all_candidate_tokens = None
-        if all_candidate_tokens is not None:
-            self.all_candidate_tokens = tf.constant(all_candidate_tokens)
-        cache = None
-        if cache_size:
-            spec = {"candidate_tokens": tf.TensorSpec([tokens_per_candidate], tf.int32)}
-            extra = {} if scoring_dtype is None else {"scoring_dtype": scoring_dtype}
-            cache = tfnegcache.NegativeCache(cache_size, spec, dim, seed=seed,
-                                             embedding_dtype=embedding_dtype, **extra)
-        self.task = tfnegcache.CacheRetrieval(
-            cache=cache, temperature=temperature,
-            candidate_model=lambda f: self.candidate_tower(f["candidate_tokens"]),
-            use_in_batch_negatives=use_in_batch_negatives, num_negatives=num_negatives,
-            refresh_per_step=refresh_per_step)
-
-    def compute_loss(self, features, training=False):
-        queries = self.query_tower(features["query_tokens"])
-        if self.all_candidate_tokens is not None:
-            everything = self.candidate_tower(self.all_candidate_tokens)
-            logits = tf.matmul(queries, everything, transpose_b=True) / (self.temperature or 1.0)
-            # Summed over the batch, as tfrs.tasks.Retrieval's default loss is.
-            return tf.reduce_sum(tf.nn.sparse_softmax_cross_entropy_with_logits(
-                labels=features["candidate_id"], logits=logits))
-        candidates = self.candidate_tower(features["candidate_tokens"])
-        kwargs = {}
-        if self.logq:
-            kwargs["candidate_sampling_probability"] = features["sampling_probability"]
-        if self.task.cache is not None:
-            kwargs.update(candidate_ids=features["candidate_id"],
-                          candidate_features={"candidate_tokens": features["candidate_tokens"]})
-        return self.task(queries, candidates, compute_metrics=False, **kwargs)
+    command = [sys.executable, "-m", module, *map(str, args)]
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    if pythonpath is not None:
+        env["PYTHONPATH"] = pythonpath
+    for attempt in range(attempts):
+        start = time.perf_counter()
+        proc = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True,
+                              check=False)
+        wall = time.perf_counter() - start
+        lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
+        if proc.returncode == 0 and lines:
+            result = json.loads(lines[-1][len(RESULT_PREFIX):])
+            result["child_wall_s"] = wall
+            return result
+        errors = [line for line in proc.stderr.splitlines() if "Error" in line][-3:]
+        if label is not None:
+            print(f"  {label} attempt {attempt} failed: {errors}", flush=True)
+    raise ChildFailed(f"{module} child in {cwd or os.getcwd()} failed:\n{proc.stderr[-3000:]}",
+                      errors)

@@ -19,23 +19,20 @@ import json
 import os
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
+
+from benchmarks import _common
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _child(side, mode, log2n, repeats, towers="hashed"):
-    command = [sys.executable, "-m", "benchmarks.step_time", "--child", mode, str(log2n),
-               "--repeats", str(repeats), "--towers", towers]
-    # cwd first on sys.path: the side's tfnegcache, and this checkout's benchmarks.
-    proc = subprocess.run(command, cwd=side, capture_output=True, text=True, check=False,
-                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=side))
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"step_time child in {side} failed:\n{proc.stderr[-3000:]}")
-    result = json.loads(lines[-1][len("RESULT "):])
+    # The side first on sys.path: the side's tfnegcache, and this checkout's benchmarks.
+    result = _common.run_child(
+        "benchmarks.step_time",
+        ["--child", mode, log2n, "--repeats", repeats, "--towers", towers],
+        cwd=side, pythonpath=side)
     return result["step_ms"], result["step_cpu_ms"]
 
 

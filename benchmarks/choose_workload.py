@@ -19,9 +19,9 @@ with other jobs); run it under `nice`.
 import argparse
 import json
 import os
-import platform
 import time
 
+from benchmarks import _common
 from benchmarks import workload as W
 
 import numpy as np
@@ -38,26 +38,7 @@ def make_parser():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run in < 60 s")
     p.add_argument("--name", default="chosen", help="output file results/workload/<name>.json")
-    # workload
-    p.add_argument("--num-coarse", type=int, default=64)
-    p.add_argument("--fine-per-coarse", type=int, default=64)
-    p.add_argument("--fine-size", type=int, default=16)
-    p.add_argument("--latent-dim", type=int, default=32)
-    p.add_argument("--fine-scale", type=float, default=0.5)
-    p.add_argument("--item-scale", type=float, default=0.25)
-    p.add_argument("--query-noise", type=float, default=0.75)
-    p.add_argument("--popularity-exponent", type=float, default=0.8)
-    p.add_argument("--item-visible", type=float, default=1.0,
-                   help="share of the item offset in the item features (0: only via id embedding)")
-    # towers and training
-    p.add_argument("--hidden", type=int, default=128)
-    p.add_argument("--layers", type=int, default=1)
-    p.add_argument("--dim", type=int, default=64)
-    p.add_argument("--id-dim", type=int, default=0, help="item-id embedding width (0: none)")
-    p.add_argument("--batch", type=int, default=256)
-    p.add_argument("--mns-negatives", type=int, default=256, help="B', uniform negatives")
-    p.add_argument("--learning-rate", type=float, default=1e-3)
-    p.add_argument("--temperature", type=float, default=1.0)
+    W.add_workload_args(p)   # the workload (configuration A at 2^16), towers and training
     p.add_argument("--steps", type=int, default=1500, help="S: the equal-steps comparison")
     p.add_argument("--baseline-steps", type=int, default=12000,
                    help="the baselines' plateau run (>= S)")
@@ -121,9 +102,7 @@ def same_order(a, b, ties):
 
 
 def run_seed(args, seed, hidden, plateau_runs=True, log=print):
-    w = W.make_workload(args.num_coarse, args.fine_per_coarse, args.fine_size, args.latent_dim,
-                        args.fine_scale, args.item_scale, args.query_noise,
-                        args.popularity_exponent, args.item_visible, seed)
+    w = W.workload_from_args(args, seed)
     test = w.queries(args.num_test, "test")
     log(f"seed {seed}: N = {w.num_items}, hidden {hidden}, same-fine-cluster rate "
         f"{w.same_fine_cluster_rate(args.batch):.4f}")
@@ -217,8 +196,7 @@ def main(argv=None):
             setattr(args, k, v)
         args.name = "quick"
 
-    import tfnegcache  # noqa: F401  (first: Keras 2)
-    import tensorflow as tf
+    tf = _common.tf()
     tf.config.threading.set_intra_op_parallelism_threads(1)
     tf.config.threading.set_inter_op_parallelism_threads(1)
 
@@ -263,17 +241,14 @@ def main(argv=None):
         }
         criterion["pass"] = all(v for k, v in criterion.items() if k[0].isdigit())
 
-    payload = {"config": vars(args), "workload": W.make_workload(
-                   args.num_coarse, args.fine_per_coarse, args.fine_size, args.latent_dim,
-                   args.fine_scale, args.item_scale, args.query_noise,
-                   args.popularity_exponent, args.item_visible, args.seeds[0]).config(),
+    payload = {"config": vars(args),
+               "workload": W.workload_from_args(args, args.seeds[0]).config(),
                "num_items": per_seed[0]["num_items"], "summary": summary,
                "order": order, "ties": ties,
                "removed_at_equal_steps": removed, "removed_vs_plateau": removed_p,
                "criterion": criterion, "wide": wide, "per_seed": per_seed,
                "wall_seconds": time.perf_counter() - began,
-               "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                           "tensorflow": tf.__version__}}
+               "machine": _common.machine(load_average=False)}
     os.makedirs(RESULTS, exist_ok=True)
     path = os.path.join(RESULTS, f"{args.name}.json")
     with open(path, "w", encoding="utf-8") as f:

@@ -1,4 +1,4 @@
-"""Issue 14, step 0: does the cache's default configuration train at least as well as
+"""Does the cache's default configuration train at least as well as
 in-batch negatives on a workload whose towers move fast early?
 
 The workload is configuration A of docs/workload.md (`make_workload(query_noise=0.75,
@@ -36,6 +36,7 @@ import time
 
 import numpy as np
 
+from benchmarks import _common
 from benchmarks import workload as wl
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -60,16 +61,12 @@ RUNS = {
 }
 
 
-def _tf():
-    return wl._tf()
-
-
 def make_cache_trainer(workload, query_tower, candidate_tower, variables, optimizer, batch,
                        num_negatives=1, temperature=1.0, refresh_every=None, seed=0,
                        **task_options):
     """`(step, cache, task, refresh)`: a warm-started whole-corpus cache and a training step
     (the library's `run_step` over the task's loss)."""
-    tf = _tf()
+    tf = _common.tf()
     import tfnegcache
 
     n = workload.num_items
@@ -103,7 +100,7 @@ def make_cache_trainer(workload, query_tower, candidate_tower, variables, optimi
 
 def diagnostics(workload, query_tower, candidate_tower, cache, task, probe, id_table=None):
     """Estimator diagnostics on the probe batch (see the module docstring)."""
-    tf = _tf()
+    tf = _common.tf()
     import tfnegcache
     q = tf.constant(probe["query"])
     pos = tf.constant(probe["item_id"])
@@ -150,7 +147,7 @@ def diagnostics(workload, query_tower, candidate_tower, cache, task, probe, id_t
 
 def run_cache(workload, steps, test, probe, batch=256, learning_rate=1e-3, checkpoints=(),
               seed=0, log=print, tower_args=None, **options):
-    tf = _tf()
+    tf = _common.tf()
     tower_args = tower_args or {}
     query_tower, candidate_tower, variables = wl.make_towers(workload, seed=seed, **tower_args)
     id_table = next((v for v in variables if v.shape.rank == 2

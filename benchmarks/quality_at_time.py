@@ -40,6 +40,7 @@ import numpy as np
 import tensorflow as tf
 
 from benchmarks import synthetic
+from benchmarks import token_towers
 
 METHODS = ("cache", "cache+logq", "cache-only", "inbatch", "inbatch+logq", "full-softmax")
 DEFAULT_METHODS = ("cache", "cache+logq", "cache-only", "inbatch", "inbatch+logq")
@@ -49,10 +50,10 @@ def build(method, corpus, args):
     towers = dict(dim=args.dim, seed=args.seed, temperature=args.temperature,
                   normalize=not args.unnormalized, buckets=args.hash_buckets, hidden=args.hidden)
     if method == "full-softmax":
-        model = _common.TwoTower(corpus.tokens_per_candidate,
-                                 all_candidate_tokens=corpus.candidate_tokens, **towers)
+        model = token_towers.TwoTower(corpus.tokens_per_candidate,
+                                      all_candidate_tokens=corpus.candidate_tokens, **towers)
     else:
-        model = _common.TwoTower(
+        model = token_towers.TwoTower(
             corpus.tokens_per_candidate,
             cache_size=args.cache_size if method.startswith("cache") else None,
             logq=method.endswith("+logq"), num_negatives=args.num_negatives,
@@ -131,9 +132,9 @@ def make_parser():
     parser.add_argument("--cache-size", type=int, default=2**16)
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--dim", type=int, default=64)
-    parser.add_argument("--hash-buckets", type=int, default=_common.HASH_BUCKETS,
+    parser.add_argument("--hash-buckets", type=int, default=token_towers.HASH_BUCKETS,
                         help="rows of each tower's hashed token table")
-    parser.add_argument("--hidden", type=int, default=_common.HIDDEN_UNITS,
+    parser.add_argument("--hidden", type=int, default=token_towers.HIDDEN_UNITS,
                         help="each tower's MLP width")
     parser.add_argument("--temperature", type=float, default=0.05)
     parser.add_argument("--unnormalized", action="store_true",
@@ -223,9 +224,7 @@ def main(argv=None):
     path = _common.write_json(name, {"config": config, "rows": rows, "targets": targets,
                                      "same_fine_cluster_rate": same_fine})
 
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _common.pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for ax, k in zip(axes, ("recall@10", "recall@100")):
         for r in rows:

@@ -31,6 +31,7 @@ import tfnegcache  # first: selects Keras 2
 import numpy as np
 import tensorflow as tf
 
+from benchmarks import _common
 from benchmarks import synthetic
 from tfnegcache_examples import movielens_data as movielens
 
@@ -228,10 +229,7 @@ def size_label(size, task):
 
 
 def plot(results, tasks, out_dir):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _common.pyplot()
     fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4.2), squeeze=False)
     for ax, task in zip(axes[0], tasks):
         rows = [r for r in results if r["dataset"] == task.name]

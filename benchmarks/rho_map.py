@@ -37,12 +37,12 @@ import glob
 import json
 import math
 import os
-import platform
 import time
 from typing import Dict, List, Optional
 
 import numpy as np
 
+from benchmarks import _common
 from benchmarks import workload as W
 
 RESULTS = os.environ.get("TFNEGCACHE_RHO_MAP_DIR") or os.path.join(
@@ -86,12 +86,6 @@ METHODS = BASELINES + CACHES
 TOKEN_WIDTH = 8   # floats per token of the fixed projection
 
 
-def _tf():
-    import tfnegcache  # noqa: F401  (first: selects Keras 2)
-    import tensorflow as tf
-    return tf
-
-
 def make_encoder(spec: Optional[Encoder], latent_dim: int, dim: int, name: str):
     """A Keras model `[M, latent_dim] -> [M, dim]`: the MLP for None, else a transformer.
 
@@ -102,7 +96,7 @@ def make_encoder(spec: Optional[Encoder], latent_dim: int, dim: int, name: str):
     `Dense(4 width, relu)`, `Dense(width)`, residual, LayerNorm), a mean over tokens and
     `Dense(dim)`.
     """
-    tf = _tf()
+    tf = _common.tf()
     layers = tf.keras.layers
     if spec is None:
         model = tf.keras.Sequential([layers.Dense(128, activation="relu"), layers.Dense(dim)],
@@ -210,7 +204,7 @@ class Method:
     """One method's towers, optimizer and train step; `step(s)` trains on batch s."""
 
     def __init__(self, method: str, corpus, config: Config):
-        tf = _tf()
+        tf = _common.tf()
         self.method, self.corpus, self.config = method, corpus, config
         tf.keras.utils.set_random_seed(config.seed)
         _, query_spec, candidate_spec = SETTINGS[config.setting]
@@ -230,7 +224,7 @@ class Method:
 
     # -- baselines: the plain TF train steps of benchmarks.workload
     def _build_baseline(self, base):
-        tf = _tf()
+        tf = _common.tf()
         net, features = self.candidate_net, self.features
         candidate_tower = lambda ids=None: net(features if ids is None  # noqa: E731
                                                else tf.gather(features, ids))
@@ -242,7 +236,7 @@ class Method:
 
     # -- the library's cache
     def _build_cache(self, k):
-        tf = _tf()
+        tf = _common.tf()
         import tfnegcache
         net, features, query_tower = self.candidate_net, self.features, self.query_tower
         size = 2 ** self.config.log2_cache
@@ -280,7 +274,7 @@ class Method:
         the first `limit` items (the timing pass traces with one batch first)."""
         if self.model is None:
             return 0.0
-        tf = _tf()
+        tf = _common.tf()
         n, size = self.corpus.num_items, self.cache.size
         rng = np.random.default_rng([self.config.seed, 77])
         items = np.arange(n) if size >= n else np.sort(rng.choice(n, size, replace=False))
@@ -292,7 +286,7 @@ class Method:
         return time.process_time() - began
 
     def batch_data(self, s: int):
-        tf = _tf()
+        tf = _common.tf()
         data = self.corpus.queries(self.batch, "train", start=s * self.batch)
         rng = np.random.default_rng([self.corpus.seed, W._MNS_STREAM, self.config.seed, s])
         extra = rng.integers(0, self.corpus.num_items, max(self.mns_negatives, 1))
@@ -305,7 +299,7 @@ class Method:
         return float(self._train_step({"query": query, "item_id": item_id})["loss"])
 
     def checkpoint(self, step_variable):
-        tf = _tf()
+        tf = _common.tf()
         if self.model is not None:
             return tf.train.Checkpoint(model=self.model, optimizer=self.optimizer,
                                        step=step_variable)
@@ -315,7 +309,7 @@ class Method:
     def evaluate(self, test) -> Dict[str, float]:
         """Recall@10 and @100 of `test` over every item (exact top-k, items encoded 1024 at
         a time)."""
-        tf = _tf()
+        tf = _common.tf()
         if getattr(self, "_items", None) is None:
             net, features = self.candidate_net, self.features
 
@@ -329,15 +323,9 @@ class Method:
 
 
 def _threads():
-    tf = _tf()
+    tf = _common.tf()
     tf.config.threading.set_intra_op_parallelism_threads(1)
     tf.config.threading.set_inter_op_parallelism_threads(1)
-
-
-def _machine():
-    tf = _tf()
-    return {"cpus": os.cpu_count(), "platform": platform.platform(), "tensorflow": tf.__version__,
-            "load_average": os.getloadavg()}
 
 
 def _config(args) -> Config:
@@ -359,12 +347,12 @@ def _cpu_times(fn, steps, warmup=3):
 
 def timing(args, log=print):
     """Step time of every method and rho of the setting, one process, one thread."""
-    tf = _tf()
+    tf = _common.tf()
     from tfnegcache import sampling
     config = _config(args)
     corpus = make_corpus(config.log2_items, 0)
     out = {"setting": config.setting, "config": dataclasses.asdict(config), "methods": {},
-           "machine": _machine()}
+           "machine": _common.machine()}
     for method in args.methods:
         tf.keras.backend.clear_session()
         runner = Method(method, corpus, config)
@@ -421,7 +409,7 @@ def train(args, log=print, stop_after_marks=None):
     never past the JSON's last point: a stopped run restores it, drops later points and goes
     on (the data, the MNS draws and the cache's draws are functions of the step, so it
     continues exactly). `stop_after_marks` stops after that many evaluations (tests)."""
-    tf = _tf()
+    tf = _common.tf()
     config = _config(args)
     seconds = args.seconds or BUDGET.get(config.setting, DEFAULT_BUDGET)
     timed = load_timing(config, args.tag)["methods"][args.method]
@@ -476,7 +464,7 @@ def train(args, log=print, stop_after_marks=None):
             row["curve"].append(point)
             row["cpu_seconds_this_process"] = time.process_time() - began
             row["wall_seconds_this_process"] = time.perf_counter() - wall
-            row["machine"] = _machine()
+            row["machine"] = _common.machine()
             row["complete"] = s + 1 == marks[-1]
             with open(path, "w", encoding="utf-8") as f:
                 json.dump(row, f, indent=1)
@@ -509,13 +497,13 @@ def main(argv=None):
 
 
 def quick(args, log=print):
-    """Every step of the map on a 2^10-item corpus: a timing pass, every method for 3 s of
-    training, the report (about a minute)."""
+    """Every step of the map on a 2^10-item corpus: a timing pass, each of `args.methods`
+    (`--methods`, every method by default) for 3 s of training, the report (about a minute)."""
     args.setting, args.log2_items, args.num_test, args.timing_steps = "dense-32x1x8", 10, 200, 3
     args.seconds, args.tag = 3.0, "_quick"
     _threads()
     timing(args, log)
-    for method in METHODS:
+    for method in args.methods:
         args.method = method
         train(args, log)
     return report(log)
@@ -550,6 +538,15 @@ def compare(runs: List[dict], timings: Dict[str, dict]) -> List[dict]:
     groups = {}
     for r in runs:
         groups.setdefault((Config(**r["config"]).name(), r["seed"]), {})[r["method"]] = r
+    # Baselines use no cache: a group with another cache size on the same corpus shares them.
+    def corpus(name):
+        return tuple(part for part in name.split("_") if not part.startswith("c"))
+    for (group, seed), methods in groups.items():
+        for (other, other_seed), theirs in groups.items():
+            if other_seed == seed and other != group and corpus(other) == corpus(group):
+                for method, r in theirs.items():
+                    if method in BASELINES:
+                        methods.setdefault(method, r)
     out = []
     for (group, seed), methods in sorted(groups.items()):
         timed = timings.get(group)
@@ -644,7 +641,6 @@ def summarise(comparison: List[dict]) -> List[dict]:
 
 def report(log=print):
     """Tables (text and markdown), `summary.json` and the plots, from the results dir."""
-    from benchmarks import _common
     timings = {Config(**t["config"]).name(): t for t in _load("timing_*.json")}
     runs = [r for r in _load("*_s*_*.json") if "curve" in r]
     comparison = compare(runs, timings)
@@ -677,9 +673,7 @@ def report(log=print):
 
 
 def _plot(summary, comparison, runs, timings, crossings):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _common.pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for shape, style in (("dense", "o-"), ("rec", "s--")):
         rows = sorted((s for s in summary if s["shape"] in (shape, "mlp") and s["rho"]),

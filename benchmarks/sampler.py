@@ -133,9 +133,7 @@ def main(argv=None):
     }
     path = _common.write_json("sampler", result)
 
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _common.pyplot()
     timed = [r for r in rows if "ms" in r]
     fig, ax = plt.subplots(figsize=(5, 3))
     ax.bar([r["sampler"] for r in timed], [r["ms"] for r in timed])

@@ -38,15 +38,13 @@ plus the matmul floor of scoring every cached embedding.
 """
 
 import argparse
-import json
-import math
 import os
 import resource
-import subprocess
-import sys
 import time
 
 import numpy as np
+
+from benchmarks import _common  # first: imports tfnegcache (Keras 2) before TensorFlow
 
 MODES = ("inbatch", "cache", "cache_bf16", "parts", "matmul", "floor", "floor_tiled", "full")
 TOWERS = ("hashed", "reference")
@@ -63,8 +61,7 @@ def _config(towers):
 
 
 def _peak(repeats):
-    import tensorflow as tf
-    from benchmarks import _common
+    tf = _common.tf()
     out = {}
     for dtype in (tf.float32, tf.bfloat16):
         a = tf.random.normal([2048, 2048], dtype=tf.float32)
@@ -75,9 +72,10 @@ def _peak(repeats):
     return out
 
 
-def _filled_model(_common, corpus, num_slots, dim, embedding_dtype, **kwargs):
-    import tensorflow as tf
-    model = _common.TwoTower(corpus.tokens_per_candidate, cache_size=num_slots, dim=dim,
+def _filled_model(corpus, num_slots, dim, embedding_dtype, **kwargs):
+    tf = _common.tf()
+    from benchmarks.token_towers import TwoTower
+    model = TwoTower(corpus.tokens_per_candidate, cache_size=num_slots, dim=dim,
                              embedding_dtype=tf.as_dtype(embedding_dtype), **kwargs)
     model.compile(optimizer=tf.keras.optimizers.Adam(1e-3))
     cache = model.task.cache
@@ -90,9 +88,9 @@ def _filled_model(_common, corpus, num_slots, dim, embedding_dtype, **kwargs):
     return model
 
 
-def _parts(_common, model, features, repeats, make_model):
+def _parts(model, features, repeats, make_model):
     """The cache step's parts, each timed alone (see the module docstring)."""
-    import tensorflow as tf
+    tf = _common.tf()
     from tfnegcache import checks
     from tfnegcache.cache import CacheUpdate
     task, cache = model.task, model.task.cache
@@ -159,8 +157,7 @@ def _parts(_common, model, features, repeats, make_model):
 
 
 def _child(mode, num_slots, batch, dim, repeats, embedding_dtype, towers="hashed"):
-    from benchmarks import _common  # imports tfnegcache (Keras 2) before TensorFlow
-    import tensorflow as tf
+    tf = _common.tf()
     from benchmarks import synthetic
 
     out = {"mode": mode, "N": num_slots, "towers": towers}
@@ -186,6 +183,8 @@ def _child(mode, num_slots, batch, dim, repeats, embedding_dtype, towers="hashed
         out["gflops"] = 2 * batch * num_slots * dim / (out["step_ms"] / 1e3) / 1e9
         return out
 
+    # Only the modes that train import the towers (with TFRS): the others start faster.
+    from benchmarks.token_towers import TwoTower
     cache_kwargs, inbatch_kwargs, query_tokens = _config(towers)
     corpus = synthetic.make_corpus(num_candidates=max(num_slots, 256), seed=0,
                                    query_tokens=query_tokens)
@@ -194,7 +193,7 @@ def _child(mode, num_slots, batch, dim, repeats, embedding_dtype, towers="hashed
     tokens_per_candidate = corpus.tokens_per_candidate
 
     if mode == "full":
-        model = _common.TwoTower(tokens_per_candidate, dim=dim, **inbatch_kwargs)
+        model = TwoTower(tokens_per_candidate, dim=dim, **inbatch_kwargs)
         optimizer = tf.keras.optimizers.Adam(1e-3)
         all_tokens = tf.constant(corpus.candidate_tokens[:num_slots])
         labels = tf.constant(data["candidate_id"])
@@ -218,19 +217,19 @@ def _child(mode, num_slots, batch, dim, repeats, embedding_dtype, towers="hashed
         kwargs = dict(cache_kwargs)
         if mode == "cache_bf16":
             kwargs["scoring_dtype"] = tf.bfloat16
-        make = lambda: _filled_model(_common, corpus, num_slots, dim,  # noqa: E731
-                                     embedding_dtype, **kwargs)
+        make = lambda: _filled_model(corpus, num_slots, dim, embedding_dtype,  # noqa: E731
+                                     **kwargs)
         model = make()
         cache = model.task.cache
         out["cache_fill"] = float(cache.fill_fraction())
         out["cache_storage_bytes"] = int(sum(
             int(np.prod(v.shape)) * v.dtype.size for v in cache.weights))
         if mode == "parts":
-            out.update(_parts(_common, model, features, repeats, make))
+            out.update(_parts(model, features, repeats, make))
             return out
     else:
-        model = _common.TwoTower(tokens_per_candidate, dim=dim,
-                                 embedding_dtype=tf.as_dtype(embedding_dtype), **inbatch_kwargs)
+        model = TwoTower(tokens_per_candidate, dim=dim,
+                         embedding_dtype=tf.as_dtype(embedding_dtype), **inbatch_kwargs)
         model.compile(optimizer=tf.keras.optimizers.Adam(1e-3))
 
     step = tf.function(model.train_step)
@@ -261,25 +260,16 @@ def _child(mode, num_slots, batch, dim, repeats, embedding_dtype, towers="hashed
 # ---------------------------------------------------------------------------------- parent
 
 def _run_child(mode, log2n, args, towers="hashed"):
-    command = [sys.executable, "-m", "benchmarks.step_time", "--child", mode, str(log2n),
-               "--batch", str(args.batch), "--dim", str(args.dim), "--repeats",
-               str(args.repeats), "--embedding-dtype", args.embedding_dtype,
-               "--towers", towers]
-    for attempt in range(2):   # one retry: on a shared machine a child can die of contention
-        start = time.perf_counter()
-        proc = subprocess.run(command, capture_output=True, text=True, check=False,
-                              env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
-        wall = time.perf_counter() - start
-        lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-        if proc.returncode == 0 and lines:
-            break
-        errors = [line for line in proc.stderr.splitlines() if "Error" in line][-3:]
-        print(f"  {towers} {mode} N=2^{log2n} attempt {attempt} failed: {errors}", flush=True)
-    else:
-        return {"mode": mode, "N": 2**log2n, "error": errors}
-    result = json.loads(lines[-1][len("RESULT "):])
-    result["child_wall_s"] = wall
-    return result
+    """One (towers, mode, N) measured in a child process; on failure, its errors."""
+    try:
+        # One retry: on a shared machine a child can die of contention.
+        return _common.run_child(
+            "benchmarks.step_time",
+            ["--child", mode, log2n, "--batch", args.batch, "--dim", args.dim, "--repeats",
+             args.repeats, "--embedding-dtype", args.embedding_dtype, "--towers", towers],
+            attempts=2, label=f"{towers} {mode} N=2^{log2n}")
+    except _common.ChildFailed as failed:
+        return {"mode": mode, "N": 2**log2n, "error": failed.errors}
 
 
 PART_COLUMNS = ("towers_fwd_bwd_ms", "optimizer_apply_ms", "scoring_ms", "sampling_ms",
@@ -365,13 +355,12 @@ def main(argv=None):
         result = _child(args.child[0], 2**int(args.child[1]), args.batch, args.dim,
                         args.repeats, args.embedding_dtype, args.towers[0])
         result["max_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        print("RESULT " + json.dumps(result), flush=True)
+        _common.report_result(result)
         return result
     if args.quick:   # a smoke run: every part of the harness once, on the reference towers
         args.log2n, args.repeats, args.towers = [10], 2, ["reference"]
         args.modes = ["inbatch", "cache", "parts", "matmul"]
 
-    from benchmarks import _common
     peak = _run_child("peak", 10, args)
     print(f"  peak: {peak}", flush=True)
     rows = []
@@ -404,9 +393,7 @@ def main(argv=None):
     path = _common.write_json("step_time", {"config": config, "peak": peak, "rows": rows,
                                             "targets": targets})
 
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _common.pyplot()
     fig, axes = plt.subplots(1, len(args.towers), figsize=(6 * len(args.towers), 4),
                              squeeze=False)
     for ax, towers in zip(axes[0], args.towers):

@@ -31,13 +31,13 @@ import argparse
 import glob
 import json
 import os
-import platform
 import time
 
-import tfnegcache  # noqa: F401  (first: selects Keras 2)
+import tfnegcache  # first: TensorFlow, whenever it is imported, gets Keras 2
 
 import numpy as np
 
+from benchmarks import _common
 from benchmarks import workload as W
 
 RESULTS = os.environ.get("TFNEGCACHE_TIME_MAP_DIR") or os.path.join(
@@ -76,19 +76,10 @@ def make_parser():
     p.add_argument("--step-points", type=int, nargs="*", default=[],
                    help="also evaluate at these step counts (the equal-steps comparison)")
     p.add_argument("--num-test", type=int, default=2000)
-    # workload: configuration A of docs/workload.md at 2^20
-    p.add_argument("--num-coarse", type=int, default=256)
-    p.add_argument("--fine-per-coarse", type=int, default=256)
-    p.add_argument("--fine-size", type=int, default=16)
-    p.add_argument("--query-noise", type=float, default=0.75)
-    p.add_argument("--item-scale", type=float, default=0.25)
-    # towers and optimisation (the workload's)
-    p.add_argument("--hidden", type=int, default=128)
-    p.add_argument("--layers", type=int, default=1)
-    p.add_argument("--dim", type=int, default=64)
-    p.add_argument("--batch", type=int, default=256)
-    p.add_argument("--mns-negatives", type=int, default=256, help="B', MNS uniform negatives")
-    p.add_argument("--learning-rate", type=float, default=1e-3)
+    # The workload (configuration A of docs/workload.md at 2^20), its towers and optimisation.
+    W.add_workload_args(p, ("num_coarse", "fine_per_coarse", "fine_size", "query_noise",
+                            "item_scale", "hidden", "layers", "dim", "batch", "mns_negatives",
+                            "learning_rate"), num_coarse=256, fine_per_coarse=256)
     # the cache
     p.add_argument("--cache-size", type=int, default=2**16)
     p.add_argument("--num-negatives", type=int, default=4, help="k draws per query")
@@ -107,18 +98,13 @@ def make_parser():
     return p
 
 
-def _tf():
-    import tensorflow as tf
-    return tf
-
-
 # ------------------------------------------------------------------------------ the methods
 
 class _Baseline:
     """A `benchmarks.workload` train step (`inbatch`, `inbatch+logq`, `mns+logq`, `full`)."""
 
     def __init__(self, method, workload, args, seed):
-        tf = _tf()
+        tf = _common.tf()
         self.method, self.workload, self.args, self.seed = method, workload, args, seed
         query_arch, candidate_arch = SETTINGS[args.setting]
         self.query_tower, self.candidate_tower, self.variables = W.make_towers(
@@ -134,7 +120,7 @@ class _Baseline:
         return 0.0
 
     def step(self, s, data):
-        tf = _tf()
+        tf = _common.tf()
         rng = np.random.default_rng([self.workload.seed, W._MNS_STREAM, self.seed, s])
         extra = rng.integers(0, self.workload.num_items, max(self.args.mns_negatives, 1))
         return self._step(tf.constant(data["query"]), tf.constant(data["item_id"]),
@@ -151,7 +137,7 @@ class _Cached:
     """The library's cache: `CacheRetrieval` + `NegativeCache` in a `CachedRetrievalModel`."""
 
     def __init__(self, method, workload, args, seed):
-        tf = _tf()
+        tf = _common.tf()
         self.method, self.workload, self.args, self.seed = method, workload, args, seed
         query_arch, candidate_arch = SETTINGS[args.setting]
         query_tower, candidate_tower, _ = W.make_towers(
@@ -207,7 +193,7 @@ class _Cached:
         """Warm start: a uniform random subset of cache-size items, encoded by the initial
         towers. Counted as training time: the seconds of an equal encoding pass (a full
         refresh right after the warm start, which also traces the refresher)."""
-        tf = _tf()
+        tf = _common.tf()
         if self.args.warm_start == "none":
             return 0.0
         rng = np.random.default_rng([self.workload.seed, 77, self.seed])
@@ -221,7 +207,7 @@ class _Cached:
         return _now() - began
 
     def step(self, s, data):
-        tf = _tf()
+        tf = _common.tf()
         return self._step({"query": tf.constant(data["query"]),
                            "item_id": tf.constant(data["item_id"])})["loss"]
 
@@ -244,7 +230,7 @@ class _Cached:
 def train_method(method, workload, test, args, log=print):
     """Trains `method` for `args.seconds` of training time; returns its row (curve, steps,
     timings, breakdown)."""
-    tf = _tf()
+    tf = _common.tf()
     tf.keras.backend.clear_session()
     runner = (_Cached if method in CACHES else _Baseline)(method, workload, args, args.seed)
     query_tower, candidate_tower = runner.towers()
@@ -307,8 +293,7 @@ def train_method(method, workload, test, args, log=print):
 def breakdown(runner, workload, args, row):
     """Milliseconds per step of each part, from isolated `tf.function`s on the run's shapes
     (after training; medians of `--breakdown-repeats` calls), next to the measured step."""
-    tf = _tf()
-    from benchmarks import _common
+    tf = _common.tf()
     measured = 1e3 * row["step_seconds"] / max(row["steps"] - 1, 1)
     out = {"step_ms": measured,
            "refresh_ms": 1e3 * row["refresh_seconds"] / max(row["steps"], 1),
@@ -386,14 +371,6 @@ def breakdown(runner, workload, args, row):
     return out
 
 
-def _machine():
-    import tensorflow as tf
-    return {"cpus": os.cpu_count(), "platform": platform.platform(),
-            "tensorflow": tf.__version__, "load_average": os.getloadavg(),
-            "threads": {k: os.environ.get(k) for k in
-                        ("TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS", "OMP_NUM_THREADS")}}
-
-
 def run_name(args, method):
     name = f"{args.setting}_s{args.seed}_{method}"
     if method in CACHES:
@@ -413,14 +390,12 @@ def main(argv=None):
         args.setting = "seq-query" if args.setting == "seq-both" else args.setting
         args.methods = list(METHODS)
         args.eval_item_chunk = 512
-    tf = _tf()
+    tf = _common.tf()
     tf.config.threading.set_intra_op_parallelism_threads(
         int(os.environ.get("TF_NUM_INTRAOP_THREADS", "1")))
     tf.config.threading.set_inter_op_parallelism_threads(
         int(os.environ.get("TF_NUM_INTEROP_THREADS", "1")))
-    workload = W.make_workload(num_coarse=args.num_coarse, fine_per_coarse=args.fine_per_coarse,
-                               fine_size=args.fine_size, query_noise=args.query_noise,
-                               item_scale=args.item_scale, seed=args.seed)
+    workload = W.workload_from_args(args)
     test = workload.queries(args.num_test, "test")
     print(f"N = {workload.num_items}, setting {args.setting}, seed {args.seed}, "
           f"{args.seconds:g} s per method, same-fine-cluster rate "
@@ -431,7 +406,7 @@ def main(argv=None):
         row = train_method(method, workload, test, args, log=lambda m: print(m, flush=True))
         row.update(config={k: v for k, v in vars(args).items() if k not in ("methods",)},
                    workload=workload.config(), num_items=workload.num_items,
-                   machine=_machine())
+                   machine=_common.machine(threads=True))
         path = os.path.join(RESULTS, run_name(args, method) + ".json")
         with open(path, "w", encoding="utf-8") as f:
             json.dump(row, f, indent=1, default=float)
@@ -466,7 +441,6 @@ def _flat(rows):
 
 
 def _table(rows):
-    from benchmarks import _common
     return _common.table(_flat(rows), ["setting", "seed", "method", "cache", "steps", "r@10",
                                        "r@100", "ms/step", "towers", "sampling", "update",
                                        "refresh", "other"])
@@ -568,7 +542,6 @@ def _seed_summary(comparison):
 
 
 def report(directory=None, markdown=False):
-    from benchmarks import _common
     rows = load(directory)
     if not rows:
         print("no runs in", directory or RESULTS)
@@ -599,9 +572,7 @@ def report(directory=None, markdown=False):
 
 
 def _plot(rows, directory):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _common.pyplot()
     for setting in sorted({r["setting"] for r in rows}):
         mine = [r for r in rows if r["setting"] == setting and r["seed"] == 0] or \
             [r for r in rows if r["setting"] == setting]

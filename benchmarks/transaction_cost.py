@@ -21,10 +21,11 @@ import tensorflow as tf  # pylint: disable=g-bad-import-order
 
 from tfnegcache import checks
 from benchmarks import synthetic
+from benchmarks import token_towers
 
 
 def _model(corpus, num_slots, dim):
-    model = _common.TwoTower(corpus.tokens_per_candidate, cache_size=num_slots, dim=dim)
+    model = token_towers.TwoTower(corpus.tokens_per_candidate, cache_size=num_slots, dim=dim)
     model.compile(optimizer=tf.keras.optimizers.Adam(1e-3))
     cache = model.task.cache
     fill = tf.function(lambda t, i: cache.insert({"candidate_tokens": t},

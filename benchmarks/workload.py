@@ -56,6 +56,8 @@ from typing import Dict, Optional
 
 import numpy as np
 
+from benchmarks import _common
+
 METHODS = ("inbatch", "inbatch+logq", "mns+logq", "full")
 _ITEM_STREAM, _SPLIT_STREAM, _MNS_STREAM = 0, {"train": 1, "test": 2}, 3
 _BLOCK = 256  # queries per SeedSequence block of a split stream
@@ -181,14 +183,56 @@ def sampling_probability(workload: Workload, method: str, batch: int,
 
 
 # ---------------------------------------------------------------------------------------------
-# TensorFlow: towers, losses, training, evaluation. Imported lazily so the generator is usable
-# (and testable) without TensorFlow.
+# The command line of a workload experiment: make_workload's parameters, with configuration A
+# of docs/workload.md at 2^16 items as their defaults, then the towers' and the training's.
+# name -> (type, default, help).
 
-def _tf():
-    import tfnegcache  # noqa: F401  (first: selects Keras 2)
-    import tensorflow as tf
-    return tf
+FLAGS = {
+    "num_coarse": (int, 64, None),
+    "fine_per_coarse": (int, 64, None),
+    "fine_size": (int, 16, None),
+    "latent_dim": (int, 32, None),
+    "fine_scale": (float, 0.5, None),
+    "item_scale": (float, 0.25, None),
+    "query_noise": (float, 0.75, None),
+    "popularity_exponent": (float, 0.8, None),
+    "item_visible": (float, 1.0,
+                     "share of the item offset in the item features (0: only via id embedding)"),
+    "hidden": (int, 128, None),
+    "layers": (int, 1, None),
+    "dim": (int, 64, None),
+    "id_dim": (int, 0, "item-id embedding width (0: none)"),
+    "batch": (int, 256, None),
+    "mns_negatives": (int, 256, "B', MNS uniform negatives"),
+    "learning_rate": (float, 1e-3, None),
+    "temperature": (float, 1.0, None),
+}
+WORKLOAD_PARAMETERS = ("num_coarse", "fine_per_coarse", "fine_size", "latent_dim", "fine_scale",
+                       "item_scale", "query_noise", "popularity_exponent", "item_visible")
 
+
+def add_workload_args(parser, names=tuple(FLAGS), **defaults):
+    """Adds the flags `names` of `FLAGS` to `parser` in that order (`--num-coarse` for
+    `num_coarse`); `defaults` replaces some of their defaults."""
+    unknown = set(defaults) - set(names)
+    if unknown:
+        raise ValueError(f"defaults for flags not added: {sorted(unknown)}")
+    for name in names:
+        kind, default, text = FLAGS[name]
+        parser.add_argument("--" + name.replace("_", "-"), type=kind,
+                            default=defaults.get(name, default), help=text)
+
+
+def workload_from_args(args, seed=None):
+    """`make_workload` of the workload flags in `args` (make_workload's defaults for those
+    not added) and of `seed`, by default `args.seed`."""
+    kwargs = {name: getattr(args, name) for name in WORKLOAD_PARAMETERS if hasattr(args, name)}
+    return make_workload(**kwargs, seed=args.seed if seed is None else seed)
+
+
+# ---------------------------------------------------------------------------------------------
+# TensorFlow: towers, losses, training, evaluation. Imported lazily (`_common.tf()`) so the
+# generator is usable (and testable) without TensorFlow.
 
 def _transformer(tf, latent_dim, dim, tokens=8, d_model=32, heads=2, key_dim=16, ffn=64,
                  blocks=1, name=None):
@@ -238,7 +282,7 @@ def make_towers(workload: Workload, hidden=256, layers=2, dim=64, id_dim=0, seed
     `query_arch`, `candidate_arch`: `"mlp"` (the workload's MLP, `hidden` x `layers`) or
     `"transformer"` (`_transformer`, with the keyword arguments in `transformer`). The
     candidate network itself is `candidate_tower.net` (it maps `[M, latent_dim]` features)."""
-    tf = _tf()
+    tf = _common.tf()
     tf.keras.utils.set_random_seed(seed)
     for arch in (query_arch, candidate_arch):
         if arch not in TOWER_ARCHS:
@@ -286,7 +330,7 @@ def make_train_step(method, workload, query_tower, candidate_tower, variables, o
                     batch, mns_negatives=0, temperature=1.0):
     """A `tf.function(query, item_id, extra_ids) -> loss` for `method`. `extra_ids` are the MNS
     uniform negatives (ignored by the other methods)."""
-    tf = _tf()
+    tf = _common.tf()
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     q = sampling_probability(workload, method, batch, mns_negatives)
@@ -324,7 +368,7 @@ def evaluate(workload, query_tower, candidate_tower, test, ks=(10, 100), chunk=1
     `item_chunk`: encode the items that many at a time (a large corpus or an expensive tower;
     None: all at once), and score `chunk` queries at a time against all of them (keep
     `chunk * N` floats in memory in mind)."""
-    tf = _tf()
+    tf = _common.tf()
     if item_chunk is None:
         items = candidate_tower()
     else:
@@ -344,7 +388,7 @@ def evaluate(workload, query_tower, candidate_tower, test, ks=(10, 100), chunk=1
 
 def _chunk_encoder(candidate_tower):
     """`candidate_tower(ids)` as one `tf.function` per tower (memoised on the tower)."""
-    tf = _tf()
+    tf = _common.tf()
     if getattr(candidate_tower, "_chunk_encoder", None) is None:
         candidate_tower._chunk_encoder = tf.function(lambda ids: candidate_tower(ids))
     return candidate_tower._chunk_encoder
@@ -368,7 +412,7 @@ def train(method, workload, steps, test, batch=256, mns_negatives=256, learning_
           temperature=1.0, checkpoints=(), seed=0, log=None, **tower_args):
     """Trains `method` for `steps` steps; evaluates at each step count in `checkpoints` (and at
     the end). Returns `{"curve": [...], "ms_per_step": ..., "recall@10": ..., ...}`."""
-    tf = _tf()
+    tf = _common.tf()
     query_tower, candidate_tower, variables = make_towers(workload, seed=seed, **tower_args)
     optimizer = tf.keras.optimizers.Adam(learning_rate)
     step = make_train_step(method, workload, query_tower, candidate_tower, variables, optimizer,

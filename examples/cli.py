@@ -114,6 +114,23 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--overwrite", action="store_true",
                         help="replace an existing export of that name and version (default: "
                              "off, an existing non-empty export directory is an error)")
+    cost = sub.add_parser(
+        "cost",
+        help="time your model's train step with its cache and with in-batch negatives",
+        description=(
+            "Import MODULE (from the working directory or the Python path), call FUNCTION() "
+            "to get (model, batch): a compiled CachedRetrievalModel whose tasks have caches, "
+            "and one training batch. Time its train step with the cache, with in-batch "
+            "negatives only, and the cache's scoring alone, and print rho (the towers' cost "
+            "per example over the scoring cost per query), the step overhead and the "
+            "per-step gain the cache needs to break even (tfnegcache.measure_cost). The "
+            "model is left as it was."),
+        formatter_class=_HelpFormatter)
+    cost.set_defaults(parser=cost)
+    cost.add_argument("target", metavar="MODULE:FUNCTION",
+                      help="e.g. my_project.towers:make_model_and_batch")
+    cost.add_argument("--steps", default="10", help="timed steps of each kind")
+    cost.add_argument("--warmup", default="2", help="untimed steps before (the first traces)")
     return parser
 
 
@@ -165,6 +182,15 @@ def check_args(args) -> None:
     from tfnegcache_examples import STRATEGIES
 
     sub = args.parser
+    if args.command == "cost":
+        module, _, function = args.target.partition(":")
+        if not module or not function or not all(
+                part.isidentifier() for part in module.split(".") + [function]):
+            sub.error("MODULE:FUNCTION must name a function of an importable module, e.g. "
+                      f"my_project.towers:make_model_and_batch. Received: {args.target}")
+        _number(sub, args, "--steps", int, 1, "an integer >= 1")
+        _number(sub, args, "--warmup", int, 0, "an integer >= 0")
+        return
     if args.command == "train":
         try:
             seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
@@ -325,7 +351,36 @@ def main(argv=None):
     check_args(args)
     if args.command == "train":
         return train(args)
+    if args.command == "cost":
+        return cost(args)
     return export(args)
+
+
+def cost(args):
+    """`python -m tfnegcache cost MODULE:FUNCTION`: prints `tfnegcache.measure_cost`."""
+    import importlib  # pylint: disable=import-outside-toplevel
+    import os  # pylint: disable=import-outside-toplevel
+    sys.path.insert(0, os.getcwd())
+    module_name, _, function = args.target.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        args.parser.error(f"cannot import {module_name!r} (MODULE of MODULE:FUNCTION): {error}")
+    make = getattr(module, function, None)
+    if not callable(make):
+        args.parser.error(f"{module_name!r} has no function {function!r} (FUNCTION of "
+                          f"MODULE:FUNCTION). Received: {args.target}")
+    made = make()
+    if not (isinstance(made, tuple) and len(made) == 2):
+        args.parser.error(f"{args.target}() must return (model, batch). Received: "
+                          f"{type(made).__name__}")
+    import tfnegcache  # pylint: disable=import-outside-toplevel
+    try:
+        report = tfnegcache.measure_cost(*made, steps=args.steps, warmup=args.warmup)
+    except ValueError as error:
+        args.parser.error(str(error))
+    print(report)
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Imports tfnegcache first, so TensorFlow is loaded with Keras 2 in every test module.
+"""Imports tfnegcache first, so TensorFlow is loaded with Keras 2 in every test module; and
+`run_benchmark`, the way the tests run a benchmark's command line.
 
 The Keras 3 tests (`tests/keras3/`) need Keras 3 and a backend fixed per process: the main
 suite runs them in subprocesses, one per backend (`tests/test_keras3.py`), and skips the
@@ -6,8 +7,11 @@ directory itself unless it is named on the command line.
 """
 
 import os
+import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 import tfnegcache  # noqa: F401
 
@@ -24,6 +28,34 @@ def pytest_ignore_collect(collection_path, config):
     return None if named else True
 
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# The variables through which the benchmarks take their results directories.
+RESULT_DIRS = ("TFNEGCACHE_BENCHMARK_DIR", "TFNEGCACHE_WORKLOAD_DIR", "TFNEGCACHE_TIME_MAP_DIR",
+               "TFNEGCACHE_RHO_MAP_DIR")
+
+
 def pytest_configure(config):
     config.addinivalue_line(
         "markers", "slow: runs subprocesses for about a minute (the benchmark smoke tests)")
+
+
+def _run_benchmark(name, *args, results, timeout=300):
+    """Runs `python -m benchmarks.<name> <args>` from the repository root, this checkout's
+    packages first on its path and every benchmark's results in the directory `results`;
+    asserts that it exits 0 and returns the finished process (its output as text)."""
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2",
+               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               **{variable: str(results) for variable in RESULT_DIRS})
+    proc = subprocess.run([sys.executable, "-m", f"benchmarks.{name}", *map(str, args)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="session", name="run_benchmark")
+def fixture_run_benchmark():
+    """`run_benchmark(name, *args, results=directory, timeout=300)`: see `_run_benchmark`.
+    Session-scoped, so module-scoped fixtures that share one run can use it."""
+    return _run_benchmark

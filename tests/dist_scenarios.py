@@ -1,13 +1,15 @@
-"""Scenarios of tests/test_distribute.py, each run in its own process.
+"""Scenarios of tests/test_distribute.py, run in processes of their own.
 
-Logical CPU devices must be configured before TensorFlow initializes its devices, so every
-scenario runs in a fresh interpreter: `python tests/dist_scenarios.py NAME OUT_JSON [args]`.
-A scenario prints nothing the test reads; it writes its results as JSON to OUT_JSON.
+Logical CPU devices must be configured before TensorFlow initializes its devices, so the
+scenarios run in a fresh interpreter: `python tests/dist_scenarios.py NAME OUT_JSON [args]`,
+or several MirroredStrategy ones in one (`several`). A scenario prints nothing the test
+reads; it writes its results as JSON to OUT_JSON.
 """
 
 import json
 import os
 import sys
+import traceback
 
 import tfnegcache  # first: Keras 2
 
@@ -28,12 +30,35 @@ def replica_values(variable):
 
 def split_cpu(num):
     cpu = tf.config.list_physical_devices("CPU")[0]
+    if len(tf.config.get_logical_device_configuration(cpu) or []) == num:
+        return  # split by an earlier scenario of this process (`several`)
     tf.config.set_logical_device_configuration(
         cpu, [tf.config.LogicalDeviceConfiguration()] * num)
 
 
+def several(out_dir, *scenarios):
+    """The `scenarios` one after another in this process, so that they share one TensorFlow
+    start-up; `name:arg` passes an argument. Each writes `out_dir/<name>.json`, or, if it
+    raises, `out_dir/<name>.error` with the traceback, so each test sees only its own
+    failure. Devices are split once, for all (each scenario asks for 2 CPUs)."""
+    split_cpu(2)
+    for scenario in scenarios:
+        name, *args = scenario.split(":")
+        tf.keras.backend.clear_session()  # layer and variable names as in a fresh process
+        try:
+            globals()[name](os.path.join(out_dir, f"{name}.json"), *args)
+        except Exception:  # pylint: disable=broad-except
+            with open(os.path.join(out_dir, f"{name}.error"), "w") as f:
+                f.write(traceback.format_exc())
+
+
 def mirrored(num=2):
-    return tf.distribute.MirroredStrategy([f"/cpu:{i}" for i in range(num)])
+    # Every MirroredStrategy numbers its collectives from the same key, and the runtime keeps
+    # each key's shapes for the life of the process: in a process shared by scenarios
+    # (`several`) each strategy takes a range of keys of its own, as TensorFlow's tests do.
+    strategy = tf.distribute.MirroredStrategy
+    strategy._collective_key_base += 100000  # pylint: disable=protected-access
+    return strategy([f"/cpu:{i}" for i in range(num)])
 
 
 def make_model(cache_size, layout="replicated", seed=0, **task_kwargs):
@@ -164,6 +189,27 @@ def sharded_exact(out):
     json.dump(result, open(out, "w"))
 
 
+def sharded_save(out):
+    """A sharded cache trained on 2 replicas, saved in every weights format (for a test that
+    loads it on one device)."""
+    split_cpu(2)
+    strategy = mirrored(2)
+    with strategy.scope():
+        model = make_model(64, "sharded", use_in_batch_negatives=False)
+        model.compile(tf.keras.optimizers.Adam(0.05))
+    model.fit(toy.dataset(toy.interactions(64 * 3, seed=9), 64), epochs=1, verbose=0)
+    model(tf.constant([0], tf.int64))
+    directory = os.path.dirname(out)
+    paths = {fmt: os.path.join(directory, name)
+             for fmt, name in (("tf", "sharded"), ("h5", "sharded.h5"),
+                               ("keras", "sharded.weights.h5"))}
+    for path in paths.values():
+        model.save_weights(path)
+    json.dump({"paths": paths,
+               "filled": [int(s.num_filled.numpy()) for s in model.task.cache.shards]},
+              open(out, "w"))
+
+
 # ------------------------------------------------------------------------------- replicated
 
 def replicated_identical(out):
@@ -273,6 +319,56 @@ def failed_step(out):
     json.dump(result, open(out, "w"))
 
 
+class RootQueries(tf.keras.layers.Embedding):
+    """sqrt(x^2): a finite output everywhere, a NaN gradient where an entry is 0."""
+
+    def call(self, ids):
+        return tf.sqrt(tf.square(super().call(ids)))
+
+
+def loss_scale_skip(out):
+    """Under mixed_float16 on 2 replicas, a step whose gradient is NaN on one replica only is
+    skipped by the loss-scale optimizer on both, and no copy of any cache changes; the next
+    step applies on both."""
+    split_cpu(2)
+    tf.keras.mixed_precision.set_global_policy("mixed_float16")
+    strategy = mirrored(2)
+    result = {}
+    for layout in ("replicated", "sharded"):
+        with strategy.scope():
+            model = make_model(128, layout=layout)
+            model.compile(tf.keras.mixed_precision.LossScaleOptimizer(
+                tf.keras.optimizers.Adam(0.05), initial_scale=2**10))
+        data = toy.interactions(64 * 4, seed=5)
+        model.fit(toy.dataset(data, 64).take(3), epochs=1, verbose=0)
+        scale = float(model.optimizer.loss_scale.numpy())
+        batch = {k: v[:64].copy() for k, v in toy.interactions(64, seed=6).items()}
+        user = int(batch["user_id"][40])             # in replica 1's half of the batch
+        batch["user_id"][:32] = np.where(batch["user_id"][:32] == user, (user + 1) % 120,
+                                         batch["user_id"][:32])
+        weights = model.query_tower.embeddings.numpy()
+        weights[user, 3] = 0.0
+        model.query_tower.embeddings.assign(weights)
+        model.query_tower.__class__ = RootQueries
+        model.train_function = None
+        before = full_state(model)
+        model.fit(toy.dataset(batch, 64), epochs=1, verbose=0)
+        after = full_state(model)
+        changed = [k for k in before if before[k] != after[k]]
+        steps_before = [np.asarray(c).tolist() for s in model.task.cache.stores()
+                        for c in replica_values(s.step)]
+        model.query_tower.__class__ = tf.keras.layers.Embedding
+        model.train_function = None
+        model.fit(toy.dataset(toy.interactions(64, seed=7), 64), epochs=1, verbose=0)
+        result[layout] = {
+            "changed": changed, "num_state": len(before),
+            "scale": [scale, float(model.optimizer.loss_scale.numpy())],
+            "steps_after_skip": steps_before,
+            "steps_after_next": [np.asarray(c).tolist() for s in model.task.cache.stores()
+                                 for c in replica_values(s.step)]}
+    json.dump(result, open(out, "w"))
+
+
 def fit_recall(out, epochs, names="single,replicated,sharded"):
     """Held-out recall@10 of fit under MirroredStrategy (2 replicas) and on one device."""
     split_cpu(2)
@@ -317,26 +413,34 @@ class CacheSnapshots(tf.keras.callbacks.Callback):
             os._exit(17)  # pylint: disable=protected-access
 
 
-def worker(out, backup_dir, epochs, kill_at_epoch, layout="replicated"):
-    """One MultiWorkerMirroredStrategy worker (TF_CONFIG from the environment)."""
+def worker(out, backup_dir, epochs, kill_at_epoch, layouts="replicated"):
+    """One MultiWorkerMirroredStrategy worker (TF_CONFIG from the environment). Fits a model
+    for each of the comma-separated `layouts` in turn (several share one start-up), each with
+    its backups and cache snapshots in a directory named after it, and writes
+    `{layout: results}` to OUT."""
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
     data = toy.interactions(64 * 2 * 12, seed=4)
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
     dataset = toy.dataset(data, 128).with_options(options)
-    with strategy.scope():
-        model = make_model(300 if layout == "replicated" else 150, layout=layout)
-        model.compile(tf.keras.optimizers.Adam(0.05))
-    directory = os.path.dirname(out)
     kill = int(kill_at_epoch) if kill_at_epoch != "none" else None
-    callbacks = [tf.keras.callbacks.BackupAndRestore(backup_dir),
-                 tfnegcache.ShardedCacheBackup(backup_dir),
-                 CacheSnapshots(directory, kill)]
-    history = model.fit(dataset, epochs=int(epochs), verbose=0, callbacks=callbacks)
-    json.dump({"loss": history.history["loss"],
-               "cache_step": int(cache_arrays(model.task.cache)["step:0"][0]),
-               "first_ids": cache_arrays(model.task.cache)["ids:0"][0][:8].tolist(),
-               "epochs_run": len(history.history["loss"])}, open(out, "w"))
+    results = {}
+    for layout in layouts.split(","):
+        with strategy.scope():
+            model = make_model(300 if layout == "replicated" else 150, layout=layout)
+            model.compile(tf.keras.optimizers.Adam(0.05))
+        directory = os.path.join(os.path.dirname(out), layout)
+        os.makedirs(directory, exist_ok=True)
+        backup = os.path.join(backup_dir, layout)
+        callbacks = [tf.keras.callbacks.BackupAndRestore(backup),
+                     tfnegcache.ShardedCacheBackup(backup),
+                     CacheSnapshots(directory, kill)]
+        history = model.fit(dataset, epochs=int(epochs), verbose=0, callbacks=callbacks)
+        results[layout] = {"loss": history.history["loss"],
+                           "cache_step": int(cache_arrays(model.task.cache)["step:0"][0]),
+                           "first_ids": cache_arrays(model.task.cache)["ids:0"][0][:8].tolist(),
+                           "epochs_run": len(history.history["loss"])}
+    json.dump(results, open(out, "w"))
 
 
 if __name__ == "__main__":

@@ -133,3 +133,44 @@ def test_scoring_dtype_is_checked_and_kept_in_the_config():
     assert config["scoring_dtype"] == "bfloat16"
     assert tfnegcache.NegativeCache.from_config(config).scoring_dtype == tf.bfloat16
     assert tfnegcache.NegativeCache(8, spec, 4).get_config()["scoring_dtype"] is None
+
+
+# ------------------------------------------------------------------ memory
+
+
+def test_the_memory_estimate_is_the_bytes_the_variables_take():
+    # Numeric variables: the estimate is exact (the id index is the measured estimate).
+    built = cache(size=50, embedding_dtype=tf.bfloat16)
+    parts = built.spec.memory_bytes()
+    assert parts["index"] == 50 * tfnegcache.spec.INDEX_ENTRY_BYTES
+    assert sum(parts.values()) - parts["index"] == sum(v.numpy().nbytes for v in built.weights)
+    assert parts["embeddings"] == 50 * 4 * 2 and parts["features"] == 50 * (8 + 3 * 8)
+
+
+@pytest.mark.parametrize("cache_type", [tfnegcache.NegativeCache, tfnegcache.ShardedNegativeCache])
+def test_a_cache_larger_than_the_machine_is_refused_before_allocating(cache_type):
+    # 2^31 slots of the toy spec: 8 + 24 bytes of features, 64 of embeddings, 8 of id, 16 of
+    # steps and 48 of index per slot.
+    per_slot = 8 + 24 + 64 + 8 + 16 + tfnegcache.spec.INDEX_ENTRY_BYTES
+    total = (2**31 * per_slot + 24) / 2**30
+    with pytest.raises(ValueError, match=rf"^`size` must be small enough for the cache to fit "
+                                         rf"in this machine's memory \(\d+\.\d GiB\): 2147483648 "
+                                         rf"slots of this spec need about {total:.1f} GiB "
+                                         rf"\(features 64\.0 GiB, embeddings 128\.0 GiB, ids "
+                                         rf"16\.0 GiB, bookkeeping 32\.0 GiB, index 96\.0 GiB; "
+                                         rf"a string element counted as 32 bytes\)\. Received: "
+                                         rf"size=2147483648\.$"):
+        cache_type(2**31, toy.FEATURE_SPEC, 16)
+
+
+def test_the_memory_check_refuses_exactly_what_exceeds_the_memory():
+    spec = tfnegcache.spec.CacheSpec.build(
+        1000, {"title": tf.TensorSpec([2], tf.string)}, 8, id_dtype=tf.string)
+    need = sum(spec.memory_bytes().values())
+    assert need == 1000 * (2 * 32 + 8 * 4 + 32 + 16 + 48 + 32) + 24
+    spec.check_memory(available=need)            # fits exactly
+    with pytest.raises(ValueError, match=r"`size` must be small enough for the cache to fit "
+                                         r"in this machine's memory \(218\.8 KiB\): 1000 slots "
+                                         r"of this spec need about 218\.8 KiB \(.*\)\. "
+                                         r"Received: size=1000\."):
+        spec.check_memory(available=need - 1)

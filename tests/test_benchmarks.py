@@ -9,7 +9,6 @@ four child processes importing TensorFlow; marked `slow`).
 import json
 import os
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -20,12 +19,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.mark.parametrize("name", ["sampler", "step_time", "quality_at_time"])
-def test_quick_benchmark_writes_json_and_plot(name, tmp_path):
-    env = dict(os.environ, TFNEGCACHE_BENCHMARK_DIR=str(tmp_path), TF_CPP_MIN_LOG_LEVEL="2",
-               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-m", f"benchmarks.{name}", "--quick"], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=300, check=False)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def test_quick_benchmark_writes_json_and_plot(name, tmp_path, run_benchmark):
+    proc = run_benchmark(name, "--quick", results=tmp_path)
     with open(tmp_path / f"{name}.json", encoding="utf-8") as f:
         result = json.load(f)
     assert (tmp_path / f"{name}.png").stat().st_size > 0
@@ -45,15 +40,10 @@ def test_quick_benchmark_writes_json_and_plot(name, tmp_path):
         assert result["peak"]["matmul_2048_bfloat16_gflops"] > 0
 
 
-def test_quick_quality_per_step_trains_every_method_the_same_steps(tmp_path):
-    env = dict(os.environ, TFNEGCACHE_BENCHMARK_DIR=str(tmp_path), TF_CPP_MIN_LOG_LEVEL="2",
-               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+def test_quick_quality_per_step_trains_every_method_the_same_steps(tmp_path, run_benchmark):
     methods = ["inbatch+logq", "cache-only", "full-softmax"]
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.quality_at_time", "--quick", "--equal-steps", "10",
-         "--methods", *methods], cwd=ROOT, env=env, capture_output=True, text=True,
-        timeout=300, check=False)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_benchmark("quality_at_time", "--quick", "--equal-steps", "10", "--methods", *methods,
+                  results=tmp_path)
     with open(tmp_path / "quality_per_step.json", encoding="utf-8") as f:
         result = json.load(f)
     assert (tmp_path / "quality_per_step.png").stat().st_size > 0
@@ -111,7 +101,8 @@ def test_hash_buckets_and_hidden_flags_reach_both_towers_of_every_method():
     np.testing.assert_allclose(same.numpy(), alias.numpy(), rtol=1e-6)
 
 
-def test_quick_ab_step_time_compares_the_library_with_the_previous_commit(tmp_path):
+def test_quick_ab_step_time_compares_the_library_with_the_previous_commit(tmp_path,
+                                                                          run_benchmark):
     """Both sides run, each reporting wall and CPU time, and the temporary checkout goes."""
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
                           text=True, check=False)
@@ -120,11 +111,7 @@ def test_quick_ab_step_time_compares_the_library_with_the_previous_commit(tmp_pa
     if head.returncode != 0 or parent.returncode != 0:
         pytest.skip("needs a git checkout with at least two commits")
     out = tmp_path / "ab.json"
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.ab_step_time", "--quick",
-                           "--output", str(out)], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=600, check=False)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_benchmark("ab_step_time", "--quick", "--output", out, results=tmp_path, timeout=600)
     result = json.loads(out.read_text())
     assert result["base"] == parent.stdout.strip() and result["head"] == head.stdout.strip()
     for side in ("base", "head"):
@@ -136,13 +123,8 @@ def test_quick_ab_step_time_compares_the_library_with_the_previous_commit(tmp_pa
     assert not any(line.split()[0].endswith("/base") for line in worktrees.splitlines())
 
 
-def test_quick_transaction_cost_times_both_steps(tmp_path):
-    env = dict(os.environ, TFNEGCACHE_BENCHMARK_DIR=str(tmp_path), TF_CPP_MIN_LOG_LEVEL="2",
-               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.transaction_cost", "--quick"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
-                          check=False)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def test_quick_transaction_cost_times_both_steps(tmp_path, run_benchmark):
+    run_benchmark("transaction_cost", "--quick", results=tmp_path)
     result = json.loads((tmp_path / "transaction_cost.json").read_text())
     assert result["calls"] == 6 and result["N"] == 2**10
     assert all(v > 0 for v in result["median_ms"].values())

@@ -1,4 +1,4 @@
-"""Issue 14: the cache's defaults must not do worse than in-batch negatives.
+"""The cache's defaults must not do worse than in-batch negatives.
 
 - The corrected estimator (`CacheRetrieval(estimator="corrected")`, the default) is exact
   where the maths gives a number: when every cached embedding is off by the same vector, the
@@ -97,7 +97,6 @@ def test_corrected_cache_logit_is_an_unbiased_estimate_of_the_fresh_mass():
         z_stale = np.exp(e).sum()
         prob, term = np.exp(e) / z_stale, z_stale * np.exp(f - e)
         mass = np.exp(f).sum()
-        np.testing.assert_allclose(prob @ term, mass, rtol=1e-9)   # unbiased, exactly
         stderr = np.sqrt((prob @ (term - mass) ** 2) / k)
         assert stderr > 1e-3 * mass                                # the estimate is random
         assert abs(z_stale - mass) > 10 * stderr                   # the stale mass is off
@@ -134,9 +133,11 @@ def test_with_bfloat16_scoring_the_correction_uses_the_rounded_scores_it_drew_wi
 
 
 # A small version of the fast-moving-tower workload (configuration A of docs/workload.md at
-# 2^12 items): the same towers and batch, Adam at 1e-2 so the towers move fast early. Fixed
-# seeds; measured (docs/knobs.md): in-batch 0.786, the default cache 0.80, the old default
-# (`estimator="stale"`) 0.35.
+# 2^12 items): the same towers and batch, Adam at 1e-2 so the towers move fast early, 8000
+# held-out queries (a recall@10 difference on them has a standard error of about 0.005).
+# Measured at 300 steps, seeds 0 / 1 / 2: in-batch 0.784 / 0.799 / 0.797, the default cache
+# (k = 1) 0.805 / 0.803 / 0.808, with k = 4 0.843 / 0.848 / 0.853, and the uncorrected
+# estimator (`estimator="stale"`) 0.480 / 0.492 / 0.467.
 SMALL_STEPS, SMALL_LR = 300, 1e-2
 
 
@@ -144,7 +145,7 @@ def _small_workload():
     from benchmarks import workload as W
     workload = W.make_workload(num_coarse=4, fine_per_coarse=64, query_noise=0.75,
                                item_scale=0.25, seed=0)
-    return W, workload, workload.queries(2000, "test")
+    return W, workload, workload.queries(8000, "test")
 
 
 def _train_small_cache(**task_options):
@@ -169,15 +170,39 @@ def _train_small_in_batch():
 
 def test_default_cache_trains_at_least_as_well_as_in_batch_negatives():
     """The defaults a user gets (a warm-started whole-corpus cache, write-back only, no
-    refresh, `num_negatives=1`, the default estimator) against in-batch negatives, at equal
-    steps, on towers that move fast early. With `estimator="stale"` (the old default) this
-    fails: recall@10 0.35 against 0.79."""
+    refresh, the default estimator) against in-batch negatives, at equal steps, on towers
+    that move fast early: with the constructor's k and with k = 4. The uncorrected estimator
+    (`estimator="stale"`) fails this by 0.3."""
     in_batch = _train_small_in_batch()
-    cache = _train_small_cache()
-    assert cache >= in_batch, (cache, in_batch)
+    default = _train_small_cache()
+    four = _train_small_cache(num_negatives=4)
+    assert default >= in_batch, (default, in_batch)            # measured +0.020, ~4 SE
+    assert four >= in_batch + 0.03, (four, in_batch)           # measured +0.059
 
 
 def test_a_bad_estimator_is_rejected():
     cache = tfnegcache.NegativeCache(4, SPEC, DIM)
     with pytest.raises(ValueError, match="`estimator` must be 'corrected'"):
         tfnegcache.CacheRetrieval(cache=cache, candidate_model=lambda f: f, estimator="fresh")
+
+
+def test_on_a_stale_cache_the_bias_is_of_order_one_over_k_and_the_docs_say_how_much():
+    """The corrected estimator's mass is unbiased, but the loss and gradient are a
+    self-normalised estimate: biased on a stale cache, by O(1/k). The numbers are those of
+    `python -m benchmarks.estimator_bias` quoted in docs/algorithm.md (step 5)."""
+    from benchmarks import estimator_bias
+    rows = {r["k"]: r for r in estimator_bias.measure(ks=(1, 4, 16, 64), draws=20000)}
+    # docs/algorithm.md: the cache weight 0.689 / 0.759 / 0.788 / 0.797 against an exact
+    # 0.800 at k = 1 / 4 / 16 / 64; the loss off by -0.263 / -0.101 / -0.031 / -0.009 nats.
+    for k, weight, loss_bias in ((1, 0.689, -0.263), (4, 0.759, -0.101), (16, 0.788, -0.031),
+                                 (64, 0.797, -0.009)):
+        assert rows[k]["exact_weight"] == pytest.approx(0.800, abs=5e-4)
+        assert rows[k]["weight"] == pytest.approx(weight, abs=max(3 * rows[k]["weight_se"], 1e-3))
+        assert rows[k]["loss_bias"] == pytest.approx(loss_bias, abs=3 * rows[k]["loss_se"])
+    biases = [-rows[k]["weight_bias"] for k in (1, 4, 16, 64)]
+    assert all(b > 5 * rows[k]["weight_se"] for b, k in zip(biases[:3], (1, 4, 16)))
+    assert biases == sorted(biases, reverse=True)          # shrinks with k ...
+    assert 0.5 < (4 * biases[1]) / (16 * biases[2]) < 2    # ... as 1/k
+    # The mean gradient approaches the full softmax's.
+    errors = [rows[k]["gradient_error"] for k in (1, 4, 16, 64)]
+    assert errors == sorted(errors, reverse=True) and errors[-1] < 0.02 < errors[0]

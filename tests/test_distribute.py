@@ -1,7 +1,8 @@
 """The cache under tf.distribute: MirroredStrategy on logical CPUs, MultiWorkerMirroredStrategy
-with local worker processes. Each scenario runs in a subprocess (tests/dist_scenarios.py),
-since logical devices must be configured before TensorFlow initializes its devices; every
-test bounds its own time and kills the processes it started."""
+with local worker processes. The scenarios run in subprocesses (tests/dist_scenarios.py),
+since logical devices must be configured before TensorFlow initializes its devices: the
+MirroredStrategy ones all in one, shared by their tests. Every run is bounded in time, and
+the processes it started are killed."""
 
 import json
 import os
@@ -53,17 +54,35 @@ def _wait(procs, timeout):
     return [proc.returncode for proc in procs]
 
 
-def run_scenario(tmp_path, name, *args, timeout=420):
-    out = tmp_path / f"{name}.json"
-    log_path = tmp_path / f"{name}.log"
+# The MirroredStrategy scenarios, in one process (one TensorFlow start-up for the five), with
+# their arguments; sharded_exact goes last, since it turns on op determinism for the process.
+MIRRORED = ("replicated_identical", "refresh_everything", "failed_step", "fit_recall:2",
+            "sharded_exact")
+
+
+@pytest.fixture(scope="module", name="mirrored")
+def fixture_mirrored(tmp_path_factory):
+    """`(directory, exit code, log)` of the one run of every MIRRORED scenario."""
+    directory = tmp_path_factory.mktemp("mirrored")
+    log_path = directory / "log"
     with open(log_path, "w") as log:
-        (code,) = _wait([_start([name, out, *args], log)], timeout)
-    assert code == 0, f"{name} exited with {code}:\n{log_path.read_text()[-4000:]}"
+        (code,) = _wait([_start(["several", directory, *MIRRORED], log)], timeout=1500)
+    return directory, code, log_path
+
+
+def scenario_result(mirrored, name):
+    """The JSON that scenario `name` of the shared run wrote; fails with its traceback, or
+    with the run's log if it never finished."""
+    directory, code, log_path = mirrored
+    error = directory / f"{name}.error"
+    assert not error.exists(), error.read_text()[-4000:]
+    out = directory / f"{name}.json"
+    assert out.exists(), f"{name} did not finish; exit {code}:\n{log_path.read_text()[-4000:]}"
     return json.loads(out.read_text())
 
 
-def test_sharded_loss_draws_and_checkpoint_match_one_union_cache(tmp_path):
-    result = run_scenario(tmp_path, "sharded_exact")
+def test_sharded_loss_draws_and_checkpoint_match_one_union_cache(mirrored):
+    result = scenario_result(mirrored, "sharded_exact")
     # The loss (no in-batch negatives: with them each replica's softmax has only its own
     # batch's negatives) equals the one-device loss against a cache holding both shards.
     assert result["loss"] == pytest.approx(result["ref_loss"], rel=1e-5)
@@ -85,8 +104,8 @@ def test_sharded_loss_draws_and_checkpoint_match_one_union_cache(tmp_path):
     assert result["continued_equal"]
 
 
-def test_replicated_copies_stay_identical_and_equal_one_device(tmp_path):
-    result = run_scenario(tmp_path, "replicated_identical")
+def test_replicated_copies_stay_identical_and_equal_one_device(mirrored):
+    result = scenario_result(mirrored, "replicated_identical")
     for lr, runs in result.items():
         for name, copies in runs["dist"].items():
             copies = [np.array(c) for c in copies]
@@ -101,24 +120,24 @@ def test_replicated_copies_stay_identical_and_equal_one_device(tmp_path):
             np.testing.assert_array_equal(copies[0], single, err_msg=f"lr={lr} {name}")
 
 
-def test_random_refresh_under_mirrored_strategy_refreshes_every_copy_and_shard(tmp_path):
-    result = run_scenario(tmp_path, "refresh_everything")
+def test_random_refresh_under_mirrored_strategy_refreshes_every_copy_and_shard(mirrored):
+    result = scenario_result(mirrored, "refresh_everything")
     assert result["replicated"]["copies"] == 2 and result["sharded"]["copies"] == 2
     for layout, found in result.items():
         assert found["checked"] >= 64, (layout, found)   # the filled slots of each copy
         assert max(found["max_error"]) < 1e-5, (layout, found)
 
 
-def test_a_failed_step_under_mirrored_strategy_changes_nothing_in_either_layout(tmp_path):
-    result = run_scenario(tmp_path, "failed_step")
+def test_a_failed_step_under_mirrored_strategy_changes_nothing_in_either_layout(mirrored):
+    result = scenario_result(mirrored, "failed_step")
     for layout, found in result.items():
         assert found["error"] and "has NaN or Inf" in found["error"], (layout, found["error"])
         assert found["num_state"] > 20, layout
         assert found["changed"] == [], (layout, found["changed"])
 
 
-def test_fit_under_mirrored_strategy_reaches_single_device_recall(tmp_path):
-    result = run_scenario(tmp_path, "fit_recall", 2, timeout=540)
+def test_fit_under_mirrored_strategy_reaches_single_device_recall(mirrored):
+    result = scenario_result(mirrored, "fit_recall")
     single = result["single"]["recall"]
     # Tolerance 0.025. Measured recall@10 after 2 epochs: one device 0.750 (seed 0), and
     # 0.748 / 0.756 / 0.748 for seeds 1-3 (spread 0.009, sd ~0.004); 2 replicas: replicated
@@ -141,7 +160,7 @@ def _free_ports(num):
     return ports
 
 
-def _workers(tmp_path, tag, backup, epochs, kill_at=None, layout="replicated"):
+def _workers(tmp_path, tag, backup, epochs, kill_at=None, layouts="replicated"):
     ports = _free_ports(2)
     cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
     procs, outs, logs = [], [], []
@@ -153,7 +172,7 @@ def _workers(tmp_path, tag, backup, epochs, kill_at=None, layout="replicated"):
         kill = kill_at if (kill_at is not None and index == 1) else "none"
         log = open(directory / "log", "w")
         logs.append(log)
-        procs.append(_start(["worker", out, backup, epochs, kill, layout], log,
+        procs.append(_start(["worker", out, backup, epochs, kill, layouts], log,
                             TF_CONFIG=tf_config))
         outs.append(out)
     return procs, outs, logs
@@ -164,14 +183,25 @@ def _close(logs):
         log.close()
 
 
+@pytest.fixture(scope="module", name="multi_worker_fits")
+def fixture_multi_worker_fits(tmp_path_factory):
+    """`(exit codes, outputs, directory)` of two workers that fit both layouts, one after the
+    other (one start-up of the pair for both)."""
+    directory = tmp_path_factory.mktemp("multi_worker")
+    procs, outs, logs = _workers(directory, "run", directory / "backup", 3,
+                                 layouts="replicated,sharded")
+    codes = _wait(procs, 480)
+    _close(logs)
+    return codes, outs, directory
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", ["replicated", "sharded"])
-def test_multi_worker_fit_completes_with_the_same_loss_on_both_workers(tmp_path, layout):
-    procs, outs, logs = _workers(tmp_path, "run", tmp_path / "backup", 3, layout=layout)
-    codes = _wait(procs, 300)
-    _close(logs)
-    assert codes == [0, 0], [(tmp_path / f"run-w{i}" / "log").read_text()[-3000:] for i in (0, 1)]
-    results = [json.loads(o.read_text()) for o in outs]
+def test_multi_worker_fit_completes_with_the_same_loss_on_both_workers(multi_worker_fits, layout):
+    codes, outs, directory = multi_worker_fits
+    assert codes == [0, 0], [(directory / f"run-w{i}" / "log").read_text()[-3000:]
+                             for i in (0, 1)]
+    results = [json.loads(o.read_text())[layout] for o in outs]
     assert len(results[0]["loss"]) == 3
     np.testing.assert_allclose(results[0]["loss"], results[1]["loss"], rtol=1e-6)
     assert results[0]["cache_step"] == results[1]["cache_step"] == 3 * 12  # 12 global batches per epoch
@@ -186,7 +216,7 @@ def test_multi_worker_resumes_from_backup_with_the_cache_after_a_worker_dies(tmp
     # Worker 1 dies at the start of epoch 2 (after the backup of epoch 1); worker 0 then
     # blocks in a collective, so the whole job is stopped and restarted, as a cluster
     # manager would.
-    procs, _, logs = _workers(tmp_path, "first", backup, 4, kill_at=2, layout=layout)
+    procs, _, logs = _workers(tmp_path, "first", backup, 4, kill_at=2, layouts=layout)
     deadline = time.monotonic() + 240
     while procs[1].poll() is None and time.monotonic() < deadline:
         time.sleep(1)
@@ -195,18 +225,18 @@ def test_multi_worker_resumes_from_backup_with_the_cache_after_a_worker_dies(tmp
     _close(logs)
     assert code == 17, (tmp_path / "first-w1" / "log").read_text()[-3000:]
     # Each worker's cache as backed up (replicated: the same on both; sharded: its own shard).
-    backed_up = [np.load(tmp_path / f"first-w{i}" / "epoch_end_1.npz") for i in (0, 1)]
+    backed_up = [np.load(tmp_path / f"first-w{i}" / layout / "epoch_end_1.npz") for i in (0, 1)]
 
-    procs, outs, logs = _workers(tmp_path, "second", backup, 4, layout=layout)
+    procs, outs, logs = _workers(tmp_path, "second", backup, 4, layouts=layout)
     codes = _wait(procs, 300)
     _close(logs)
     assert codes == [0, 0], [(tmp_path / f"second-w{i}" / "log").read_text()[-3000:]
                              for i in (0, 1)]
-    results = [json.loads(o.read_text()) for o in outs]
+    results = [json.loads(o.read_text())[layout] for o in outs]
     # Resumed at epoch 2: only epochs 2 and 3 ran, and the cache continued from the backup.
     assert results[0]["epochs_run"] == 2, results
     for index in (0, 1):
-        restored = np.load(tmp_path / f"second-w{index}" / "train_begin.npz")
+        restored = np.load(tmp_path / f"second-w{index}" / layout / "train_begin.npz")
         for name in backed_up[index].files:
             np.testing.assert_array_equal(restored[name], backed_up[index][name],
                                           err_msg=f"worker {index} {name}")
@@ -214,3 +244,46 @@ def test_multi_worker_resumes_from_backup_with_the_cache_after_a_worker_dies(tmp
         assert not np.array_equal(backed_up[0]["ids:0"], backed_up[1]["ids:0"])
     assert results[0]["cache_step"] == results[1]["cache_step"] == 4 * 12
     np.testing.assert_allclose(results[0]["loss"], results[1]["loss"], rtol=1e-6)
+
+
+def test_a_checkpoint_of_two_shards_is_refused_on_one_device(tmp_path):
+    # Written by 2 replicas; this process has one device, so one shard.
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+
+    import tfnegcache  # pylint: disable=import-outside-toplevel
+    import toy  # pylint: disable=import-outside-toplevel
+    from test_transaction import full_state  # pylint: disable=import-outside-toplevel
+
+    saved = run_scenario(tmp_path, "sharded_save")
+    assert min(saved["filled"]) > 0                 # both shards hold candidates
+    model = toy.ToyModel(cache_size=None, use_in_batch_negatives=False)
+    model.task.cache = tfnegcache.ShardedNegativeCache(64, toy.FEATURE_SPEC, 16)
+    model.task.staleness = tf.keras.metrics.Mean(name="cache_staleness")
+    model.compile(tf.keras.optimizers.Adam(0.05))
+    model.fit(toy.dataset(toy.interactions(64, seed=1), 64), epochs=1, verbose=0)
+    model(tf.constant([0], tf.int64))
+    assert len(model.task.cache.shards) == 1
+    before = full_state(model)
+    for fmt, path in saved["paths"].items():
+        with pytest.raises(ValueError, match=r"Cannot restore the cache 'negative_cache'.*saved "
+                                             r"as \[sharded over 2 shards, size=64, .*\], but "
+                                             r"the model's cache is \[sharded over 1 shard, "
+                                             r"size=64, .*Nothing was restored"):
+            model.load_weights(path)
+        after = full_state(model)
+        for name, value in before.items():
+            np.testing.assert_array_equal(value, after[name], err_msg=f"{fmt}: {name}")
+
+
+def test_a_step_the_loss_scale_skips_on_one_replica_changes_no_copy(tmp_path):
+    result = run_scenario(tmp_path, "loss_scale_skip")
+    for layout, found in result.items():
+        assert found["num_state"] > 20, layout
+        # Only the optimizer's step count moved; its scale halved (read after the next,
+        # applied, step: halved, not grown).
+        assert len(found["changed"]) == 2 and all("iteration" in k for k in found["changed"]), \
+            (layout, found["changed"])
+        assert found["scale"] == [2**10, 2**9], (layout, found["scale"])
+        # 3 steps, a skipped one, then one more on every copy (replicated) or shard.
+        assert found["steps_after_skip"] == [3, 3], (layout, found)
+        assert found["steps_after_next"] == [4, 4], (layout, found)

@@ -386,3 +386,90 @@ def test_failed_write_leaves_the_target_as_it_was(trained, existing, tmp_path, m
         lambda path, overwrite: export_retrieval_model(
             model.query_tower, movies, corpus.movie_ids, k=K, path=path, overwrite=overwrite),
         RuntimeError, "disk full", existing, tmp_path)
+
+
+# ------------------------------------------------------------------ naming the inputs
+
+
+class UserAndAge(tf.keras.Model):
+    """A query tower taking a dict: a user-id embedding plus an age-bucket embedding."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.users = tf.keras.layers.Embedding(10, dim)
+        self.ages = tf.keras.layers.Embedding(5, dim)
+
+    def call(self, features):
+        return self.users(features["user"]) + self.ages(features["age"])
+
+
+def small_corpus(dim=4, num=20):
+    rng = np.random.default_rng(0)
+    return (tf.constant(rng.normal(size=(num, dim)), tf.float32),
+            tf.constant([f"m{i}" for i in range(num)]))
+
+
+def expected_top_k(queries, movies, ids, k):
+    top = tf.math.top_k(tf.matmul(queries, movies, transpose_b=True), k)
+    return ids.numpy()[top.indices.numpy()], top.values.numpy()
+
+
+def test_input_name_names_the_input_of_a_given_input_spec(tmp_path):
+    movies, ids = small_corpus()
+    tower = tf.keras.layers.Embedding(10, 4)
+    path = export_retrieval_model(tower, movies, ids, k=3, path=tmp_path / "m" / "1",
+                                  input_spec=tf.TensorSpec([None], tf.int64), input_name="uid")
+    serve = tf.saved_model.load(str(path)).signatures["serving_default"]
+    assert sorted(serve.structured_input_signature[1]) == ["uid"]
+    users = tf.constant([1, 7], tf.int64)
+    out = serve(uid=users)
+    expected_ids, expected_scores = expected_top_k(tower(users), movies, ids, 3)
+    np.testing.assert_array_equal(out["ids"].numpy(), expected_ids)
+    np.testing.assert_allclose(out["scores"].numpy(), expected_scores, rtol=1e-6)
+
+
+def test_a_dict_input_spec_serves_a_multi_input_query_tower(tmp_path):
+    movies, ids = small_corpus()
+    tower = UserAndAge(4)
+    path = export_retrieval_model(
+        tower, movies, ids, k=3, path=tmp_path / "m" / "1",
+        input_spec={"user": tf.TensorSpec([None], tf.int64),
+                    "age": tf.TensorSpec([None], tf.int32)})
+    serve = tf.saved_model.load(str(path)).signatures["serving_default"]
+    assert sorted(serve.structured_input_signature[1]) == ["age", "user"]
+    request = {"user": tf.constant([1, 2, 2], tf.int64), "age": tf.constant([0, 3, 4], tf.int32)}
+    out = serve(**request)
+    expected_ids, expected_scores = expected_top_k(tower(request), movies, ids, 3)
+    np.testing.assert_array_equal(out["ids"].numpy(), expected_ids)
+    np.testing.assert_allclose(out["scores"].numpy(), expected_scores, rtol=1e-6)
+    # A malformed request names its input.
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match=re.escape("age [1,3] is not compatible with expected shape [?]")):
+        serve(user=request["user"], age=request["age"][None])
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"input_spec": [tf.TensorSpec([None], tf.int64)]},
+     r"`input_spec` must be a tf\.TensorSpec \(one input, named `input_name`\) or a non-empty "
+     r"dict \{name: tf\.TensorSpec\} \(one input per key, for a query tower that takes a dict "
+     r"of features\)\. Received: input_spec=\[TensorSpec"),
+    ({"input_spec": {"user": tf.TensorSpec([None], tf.int64), "age": tf.int32}},
+     r"`input_spec` must be a tf\.TensorSpec .* Received: input_spec=\{'user': "),
+    ({"input_spec": {"user": tf.TensorSpec([None], tf.int64)}, "input_name": "uid"},
+     r"`input_name` names the one input of a tf\.TensorSpec `input_spec`; the keys of a dict "
+     r"`input_spec` name its inputs\. Received: input_name='uid' with input_spec keys "
+     r"\['user'\]\."),
+    ({"input_spec": tf.TensorSpec([None], tf.int64, name="user"), "input_name": "uid"},
+     r"`input_name` and the name of `input_spec` must agree: both name the signature's input\. "
+     r"Received: input_name='uid', input_spec=TensorSpec\(.*name='user'\)\."),
+    ({"input_spec": {"user id": tf.TensorSpec([None], tf.int64)}},
+     r"Each input of the serving signature needs a name TensorFlow accepts: .* Received: "
+     r"'user id' \(a key of `input_spec`\)\."),
+])
+def test_an_input_spec_that_cannot_name_the_inputs_is_refused_before_writing(tmp_path, kwargs,
+                                                                               match):
+    movies, ids = small_corpus()
+    with pytest.raises(ValueError, match=match):
+        export_retrieval_model(UserAndAge(4), movies, ids, k=3, path=tmp_path / "m" / "1",
+                               **kwargs)
+    assert list(tmp_path.iterdir()) == []

@@ -8,6 +8,7 @@ estimator of the same cross entropy the Gumbel mode estimates: consistent, bias 
 
 import numpy as np
 import pytest
+import scipy.stats
 import tensorflow as tf
 
 import tfnegcache
@@ -144,6 +145,26 @@ def test_uniform_sampling_trains_a_model_as_mns():
     cache = model.task.cache
     cache.warm_start(tf.data.Dataset.from_tensor_slices(toy.item_table()),
                      model.candidate_tower, id_key="item_id")
+    # The draws of training steps are uniform over the whole catalogue, whatever the batch;
+    # those on the batch's own candidates do not count (their in-batch columns do).
+    data = toy.interactions(40 * 128, seed=4)
+    counts = np.zeros(toy.NUM_ITEMS)
+    @tf.function
+    def draws(batch):
+        with tfnegcache.step.recording() as record:
+            model.compute_loss(batch, training=True)
+        (_, update, _), = record.updates
+        return update.write_back_slots, update.write_back_valid
+
+    for start in range(0, len(data["item_id"]), 128):
+        batch = {k: tf.constant(v[start:start + 128]) for k, v in data.items()}
+        slots, valid = (x.numpy() for x in draws(batch))
+        drawn_ids = cache.ids.numpy()[slots]
+        np.testing.assert_array_equal(valid, ~np.isin(drawn_ids, batch["item_id"].numpy()))
+        counts += np.bincount(slots, minlength=toy.NUM_ITEMS)
+        cache.step.assign_add(1)   # the next step's draws (no optimizer, no write)
+    assert counts.sum() == 40 * 128 * 8
+    assert scipy.stats.chisquare(counts).pvalue > 1e-3
     model.compile(tf.keras.optimizers.Adam(0.05))
     history = model.fit(toy.dataset(toy.interactions(4096, seed=1), 128), epochs=2, verbose=0)
     assert np.all(np.isfinite(history.history["loss"]))

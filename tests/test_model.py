@@ -2,8 +2,10 @@
 
 import numpy as np
 import pytest
+import scipy.special
 import tensorflow as tf
 
+import tfnegcache
 import toy
 
 
@@ -59,13 +61,31 @@ def test_evaluate_and_predict_leave_cache_unchanged_and_report_no_staleness(data
 
 
 def test_eval_loss_includes_the_cache(data):
+    """In evaluation the cache's column is the exact log-mass of its stale scores over the
+    slots that are not in-batch candidates: the loss equals a numpy cross entropy over
+    [in-batch scores, that log-mass] (TFRS's default loss: summed over the batch)."""
     model, _ = train(data, cache_size=512, epochs=1)
     batch = {k: v[:128] for k, v in data[1].items()}
-    with_cache = model.compute_loss(batch, training=False)
+    loss = model.compute_loss(batch, training=False).numpy()
     cache = model.task.cache
+    filled = int(cache.num_filled.numpy())
+    assert filled > 200
+    queries = model.query_tower(tf.constant(batch["user_id"])).numpy().astype(np.float64)
+    candidates = model.candidate_tower(
+        {"item_id": tf.constant(batch["item_id"]), "tokens": tf.constant(batch["tokens"])})
+    in_batch = queries @ candidates.numpy().astype(np.float64).T
+    cached_ids = cache.ids.numpy()[:filled]
+    stale = cache.embeddings.numpy()[:filled].astype(np.float64)
+    eligible = ~np.isin(cached_ids, batch["item_id"])    # each candidate counts once
+    assert 0 < eligible.sum() < filled
+    log_mass = scipy.special.logsumexp(queries @ stale[eligible].T, axis=1)
+    logits = np.concatenate([in_batch, log_mass[:, None]], axis=1)
+    expected = np.sum(scipy.special.logsumexp(logits, axis=1) - np.diag(in_batch))
+    np.testing.assert_allclose(loss, expected, rtol=1e-5)
     cache.num_filled.assign(0)   # an empty cache: only in-batch negatives remain
-    without = model.compute_loss(batch, training=False)
-    assert with_cache.numpy() > without.numpy()
+    without = model.compute_loss(batch, training=False).numpy()
+    expected = np.sum(scipy.special.logsumexp(in_batch, axis=1) - np.diag(in_batch))
+    np.testing.assert_allclose(without, expected, rtol=1e-5)
 
 
 def test_checkpoint_restores_cache_and_training_resumes_identically(data, tmp_path):
@@ -127,3 +147,155 @@ def test_a_step_with_nan_embeddings_fails_and_changes_nothing(data):
     assert_same(before, snapshot(model))
     for w, v in zip(weights, model.trainable_variables):
         np.testing.assert_array_equal(w, v.numpy())
+
+
+# ------------------------------------------------------------------ tasks and their caches
+
+
+class TwoTasks(toy.ToyModel):
+    """Two retrieval tasks over the same towers (say, clicks and purchases): each with its own
+    cache, or with `shared=True` one cache for both."""
+
+    def __init__(self, shared, cache_size=128, **kwargs):
+        super().__init__(cache_size=cache_size, name="clicks", **kwargs)
+        cache = self.task.cache if shared else tfnegcache.NegativeCache(
+            cache_size, toy.FEATURE_SPEC, 16, name="purchases_cache")
+        self.second = tfnegcache.CacheRetrieval(cache=cache, candidate_model=self.candidate_tower,
+                                                name="purchases")
+
+    def compute_loss(self, features, training=False):
+        candidates = {"item_id": features["item_id"], "tokens": features["tokens"]}
+        queries, embeddings = self.query_tower(features["user_id"]), self.candidate_tower(candidates)
+        kwargs = dict(candidate_ids=features["item_id"], candidate_features=candidates,
+                      compute_metrics=False)
+        return self.task(queries, embeddings, **kwargs) + self.second(queries, embeddings, **kwargs)
+
+
+class TaskTwice(toy.ToyModel):
+    """Calls its one task twice per step (two positives per query, say)."""
+
+    def compute_loss(self, features, training=False):
+        return super().compute_loss(features, training) + super().compute_loss(features, training)
+
+
+def model_state(model, optimizer):
+    """Every weight and optimizer variable, and the id index of the first task's cache
+    (`full_state` of test_transaction asks `cache_tasks()`, which refuses a shared cache)."""
+    state = {f"{i}:{v.name}": v.numpy() for i, v in enumerate(model.weights)}
+    state.update({f"optimizer/{i}:{v.name}": v.numpy()
+                  for i, v in enumerate(optimizer.variables())})
+    keys, slots = (t.numpy() for t in model.task.cache.index.export())
+    order = np.argsort(keys)
+    state["index/keys"], state["index/slots"] = keys[order], slots[order]
+    return state
+
+
+def assert_same_state(before, after):
+    assert before.keys() == after.keys()
+    for name in before:
+        np.testing.assert_array_equal(before[name], after[name], err_msg=name)
+
+
+def prefilled(model):
+    """`model` with 40 items in its cache and every layer built."""
+    table = toy.item_table()
+    items = {k: tf.constant(v[:40]) for k, v in table.items()}
+    model.task.cache.insert(items, model.candidate_tower(items), items["item_id"])
+    model.query_tower(tf.constant([0], tf.int64))
+    return model
+
+
+def test_two_tasks_sharing_one_cache_are_refused_when_compiling():
+    model = prefilled(TwoTasks(shared=True))
+    optimizer = tf.keras.optimizers.Adam(0.05)
+    before = model_state(model, optimizer)
+    with pytest.raises(ValueError, match=r"^The tasks 'clicks' and 'purchases' share "
+                                         r"the cache 'negative_cache': each would plan its "
+                                         r"inserts from the same state in every step, and the "
+                                         r"cache would be corrupted\. Give each CacheRetrieval "
+                                         r"task its own cache\.$"):
+        model.compile(optimizer)
+    assert model.optimizer is None                   # not compiled: fit cannot run
+    assert_same_state(before, model_state(model, optimizer))
+    # With a cache each, the same model trains, and each cache advances once per step.
+    model = TwoTasks(shared=False)
+    model.compile(tf.keras.optimizers.Adam(0.05))
+    model.fit(toy.dataset(toy.interactions(64 * 3, seed=1), 64), epochs=1, verbose=0)
+    for task in model.cache_tasks():
+        cache = task.cache
+        assert int(cache.step.numpy()) == 3
+        filled = int(cache.num_filled.numpy())
+        ids = cache.ids.numpy()[:filled]
+        assert len(np.unique(ids)) == filled == int(cache.index.size().numpy())
+
+
+def test_a_task_called_twice_in_one_training_step_is_refused_and_changes_nothing():
+    model = prefilled(TaskTwice(cache_size=128, name="clicks"))
+    model.compile(tf.keras.optimizers.Adam(0.05))
+    before = model_state(model, model.optimizer)
+    with pytest.raises(ValueError, match=r"The task 'clicks' was called twice in one training "
+                                         r"step: each call draws from and writes to the cache "
+                                         r"'negative_cache'.*Call each CacheRetrieval task once "
+                                         r"per step"):
+        model.fit(toy.dataset(toy.interactions(64, seed=1), 64), epochs=1, verbose=0)
+    assert_same_state(before, model_state(model, model.optimizer))
+
+
+def test_a_custom_loop_with_two_tasks_on_one_cache_is_refused_and_changes_nothing():
+    model = prefilled(TwoTasks(shared=True))
+    optimizer = tf.keras.optimizers.Adam(0.05)
+    before = model_state(model, optimizer)
+    batch = {k: tf.constant(v) for k, v in toy.interactions(64, seed=1).items()}
+    with pytest.raises(ValueError, match=r"The tasks 'clicks' and 'purchases' both "
+                                         r"draw from and write to the cache 'negative_cache'"):
+        tfnegcache.run_step(lambda: model.compute_loss(batch, training=True),
+                            lambda: model.trainable_variables, optimizer)
+    assert int(optimizer.iterations.numpy()) == 0
+    assert_same_state(before, model_state(model, optimizer))
+
+
+# ------------------------------------------------------------------ XLA
+
+
+JIT_REFUSED = (r"^`jit_compile` must be False or None for a CachedRetrievalModel\. Received: "
+               r"jit_compile=True\. Its caches find cached ids in a hash table "
+               r"\(tf\.lookup\.experimental\.MutableHashTable, .*\), which XLA cannot compile, "
+               r"so the first step would fail\. Compile the model without it, and run the "
+               r"towers under XLA instead: decorate their computation with "
+               r"`tf\.function\(jit_compile=True\)`\.$")
+
+
+class XlaTower(toy.CandidateTower):
+    """The toy candidate tower, XLA-compiled."""
+
+    @tf.function(jit_compile=True)
+    def encode(self, item_id, tokens):
+        return self.ids(item_id) + tf.reduce_mean(self.tokens(tokens), 1)
+
+    def call(self, features):
+        return self.encode(features["item_id"], features["tokens"])
+
+
+def test_jit_compile_is_refused_when_compiling_and_when_set_and_xla_towers_train():
+    model = prefilled(toy.ToyModel(cache_size=128))
+    optimizer = tf.keras.optimizers.Adam(0.05)
+    before = model_state(model, optimizer)
+    with pytest.raises(ValueError, match=JIT_REFUSED):
+        model.compile(optimizer, jit_compile=True)
+    assert model.optimizer is None
+    assert_same_state(before, model_state(model, optimizer))
+
+    model.compile(optimizer)
+    model.fit(toy.dataset(toy.interactions(64, seed=1), 64), epochs=1, verbose=0)
+    train_function = model.train_function
+    with pytest.raises(ValueError, match=JIT_REFUSED):
+        model.jit_compile = True
+    assert not model.jit_compile and model.train_function is train_function
+
+    # What the message advises: the towers under XLA, the step as it is.
+    model = toy.ToyModel(cache_size=128)
+    model.candidate_tower = model.task.candidate_model = XlaTower(16)
+    model.compile(tf.keras.optimizers.Adam(0.05))
+    history = model.fit(toy.dataset(toy.interactions(64 * 2, seed=1), 64), epochs=1,
+                        verbose=0).history
+    assert np.isfinite(history["loss"][-1]) and int(model.task.cache.step.numpy()) == 2

@@ -177,12 +177,36 @@ def test_top_m_draws_stay_in_the_top_m_and_follow_the_restricted_softmax():
     assert scipy.stats.chisquare(counts, probs * n).pvalue > 1e-3
 
 
-def test_top_m_task_trains():
+def test_top_m_task_trains_and_its_training_logit_is_pinned():
     model = toy.ToyModel(cache_size=256, top_m=10, refresh_per_step=4)
     model.compile(tf.keras.optimizers.Adam(0.05))
     history = model.fit(toy.dataset(toy.interactions(1024, seed=3), 128), epochs=2, verbose=0)
     assert np.all(np.isfinite(history.history["loss"]))
     assert history.history["cache_fill"][-1] > 0.5
+    # The training logit on a stale cache: the top-m (stale) log-mass reweighted by the drawn
+    # negatives' fresh-over-stale scores, `M_m + log mean_k exp(s_k - s~_k)`, recomputed
+    # here from the slots the draw wrote back.
+    cache, tower, k, m = filled_cache(size=64, num=60), encoder(), 3, 5
+    recorder = Recorder()
+    task = tfnegcache.CacheRetrieval(loss=recorder, cache=cache, candidate_model=tower,
+                                     top_m=m, num_negatives=k)
+    queries = tf.constant(np.random.default_rng(7).normal(size=(4, DIM)), tf.float32)
+    feats = items([100, 101, 102, 5])       # item 5 is cached: masked for every query
+    with tfnegcache.step.recording() as step:
+        task(queries, tower(feats), candidate_ids=feats["item_id"], candidate_features=feats)
+    (_, update, _), = step.updates
+    logits = recorder.logits.numpy()[:, -1].astype(np.float64)
+    q = queries.numpy().astype(np.float64)
+    stale = q @ cache.embeddings.numpy()[:60].astype(np.float64).T
+    stale[:, 5] = -np.inf
+    fresh = q @ tower(items(np.arange(60))).numpy().astype(np.float64).T
+    slots = update.write_back_slots.numpy().reshape(4, k)
+    for i in range(4):
+        top = np.sort(stale[i])[-m:]
+        assert set(slots[i]) <= set(np.argsort(stale[i])[-m:])   # draws stay in the top m
+        expected = scipy.special.logsumexp(top) + scipy.special.logsumexp(
+            fresh[i, slots[i]] - stale[i, slots[i]]) - np.log(k)
+        np.testing.assert_allclose(logits[i], expected, rtol=1e-5)
 
 
 class Recorder(tf.keras.losses.Loss):
@@ -295,3 +319,126 @@ def test_refresh_never_overwrites_a_slot_the_insert_just_filled():
     np.testing.assert_array_equal(cache.ids.numpy()[:2], [25, 26])
     np.testing.assert_array_equal(cache.embeddings.numpy()[:2], inserted.numpy())
     assert_encoded(cache, tower, np.arange(2, 20))
+
+
+class RefreshSteps(tfnegcache.CacheRefreshCallback):
+    """Records the optimizer's step count at each refresh."""
+
+    def __init__(self, **kwargs):
+        super().__init__(at_epoch_end=False, batch_size=64, **kwargs)
+        self.at_steps = []
+
+    def refresh(self):
+        self.at_steps.append(int(self.model.optimizer.iterations.numpy()))
+        super().refresh()
+
+
+def refresh_points(batch_ends, every_n_steps):
+    """The batch ends (step counts) at or after which each multiple of K was crossed."""
+    points, last = [], 0
+    for end in batch_ends:
+        if end // every_n_steps > last // every_n_steps:
+            points.append(end)
+        last = end
+    return points
+
+
+@pytest.mark.parametrize("every_n_steps, steps_per_execution, refreshes", [
+    (3, 1, 13), (3, 3, 13), (4, 3, 10), (3, 7, 6), (2, 5, 8), (5, 5, 8)])
+def test_callback_counts_steps_under_steps_per_execution(every_n_steps, steps_per_execution,
+                                                         refreshes):
+    # 20 steps per epoch, 2 epochs. Keras reports one batch end per execution of
+    # `steps_per_execution` steps (the last one of an epoch shorter): at these step counts.
+    model = toy.ToyModel(cache_size=64)
+    model.compile(tf.keras.optimizers.Adam(0.05), steps_per_execution=steps_per_execution)
+    callback = RefreshSteps(every_n_steps=every_n_steps)
+    model.fit(toy.dataset(toy.interactions(16 * 20, seed=4), 16), epochs=2, verbose=0,
+              callbacks=[callback])
+    assert int(model.optimizer.iterations.numpy()) == 40
+    epoch = [min(s, 20) for s in range(steps_per_execution, 20 + steps_per_execution,
+                                       steps_per_execution)]
+    expected = refresh_points(epoch + [20 + s for s in epoch], every_n_steps)
+    assert callback.refreshes == len(expected) == refreshes
+    assert callback.at_steps == expected
+    if expected[-1] == 40:   # refreshed after the last step: every slot is the tower's now
+        cache = model.task.cache
+        assert_encoded(cache, model.candidate_tower, np.arange(int(cache.num_filled.numpy())))
+
+
+def test_the_refresh_schedule_goes_on_across_fit_calls():
+    # Every 3rd optimizer step: two fits of one epoch refresh as one fit of two epochs.
+    model = toy.ToyModel(cache_size=64)
+    model.compile(tf.keras.optimizers.Adam(0.05), steps_per_execution=3)
+    callback = RefreshSteps(every_n_steps=3)
+    data = toy.dataset(toy.interactions(16 * 20, seed=4), 16)
+    for _ in range(2):
+        model.fit(data, epochs=1, verbose=0, callbacks=[callback])
+    epoch = [3, 6, 9, 12, 15, 18, 20]
+    assert callback.at_steps == refresh_points(epoch + [20 + s for s in epoch], 3)
+    assert callback.at_steps[-1] == 40 and callback.refreshes == 13
+
+
+# ------------------------------------------------------------------ partial warm starts and refreshes
+
+
+class NanFor(toy.CandidateTower):
+    """The toy tower with NaN embeddings for the items in `poisoned`."""
+
+    poisoned = ()
+
+    def call(self, features):
+        out = super().call(features)
+        bad = tf.reduce_any(tf.equal(features["item_id"][:, None],
+                                     tf.constant(self.poisoned, tf.int64)[None, :]), axis=1)
+        return tf.where(bad[:, None], np.nan, out)
+
+
+def index_of(cache):
+    keys, slots = (t.numpy() for t in cache.index.export())
+    order = np.argsort(keys)
+    return keys[order], slots[order]
+
+
+def test_warm_start_stopped_by_a_bad_row_keeps_exactly_the_batches_before_it():
+    tower = encoder()
+    tower.__class__ = NanFor
+    tower.poisoned = (21,)                      # in the third batch of 8
+    cache = tfnegcache.NegativeCache(64, toy.FEATURE_SPEC, DIM)
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match=r"(?s)^warm_start inserted the first 16 rows of the dataset and stopped "
+                             r"at the batch of rows from 16 on: .*`embeddings to insert` has "
+                             r"NaN or Inf"):
+        cache.warm_start(tf.data.Dataset.from_tensor_slices(items(np.arange(40))), tower,
+                         id_key="item_id", batch_size=8)
+    # The same cache as a warm start with those 16 rows alone: every variable and the index.
+    reference = tfnegcache.NegativeCache(64, toy.FEATURE_SPEC, DIM)
+    reference.warm_start(tf.data.Dataset.from_tensor_slices(items(np.arange(16))), tower,
+                         id_key="item_id", batch_size=8)
+    for (name, got), expected in zip(state(cache).items(), state(reference).values()):
+        np.testing.assert_array_equal(got, expected, err_msg=name)
+    for got, expected in zip(index_of(cache), index_of(reference)):
+        np.testing.assert_array_equal(got, expected)
+    assert int(cache.num_filled.numpy()) == 16
+    assert_encoded(cache, tower, np.arange(16))
+    np.testing.assert_array_equal(cache.embeddings.numpy()[16:], 0.0)
+
+
+def test_refresh_all_stopped_in_its_second_chunk_leaves_each_row_old_or_fresh():
+    cache, tower = filled_cache(size=32, num=20), encoder()
+    tower.__class__ = NanFor
+    tower.poisoned = (10,)                      # slot 10: the second chunk of 8
+    cache.update(CacheUpdate(), advance_step=True)   # step 1: refreshed rows are stamped 1
+    before, index = state(cache), index_of(cache)
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match=r"(?s)^refresh_all re-encoded slots \[0, 8\) of 'negative_cache' and "
+                             r"stopped at the chunk of slots \[8, 16\): .*`write-back "
+                             r"embeddings` has NaN or Inf"):
+        cache.refresh_all(tower, batch_size=8)
+    after = state(cache)
+    assert_encoded(cache, tower, np.arange(8))                      # fresh
+    assert_only_changed(before, after, np.arange(8))                # everything else: old
+    np.testing.assert_array_equal(after["negative_cache/updated_at:0"][:8], 1)
+    assert not np.allclose(before["negative_cache/embeddings:0"][:8],
+                           after["negative_cache/embeddings:0"][:8])
+    for got, expected in zip(index_of(cache), index):
+        np.testing.assert_array_equal(got, expected)

@@ -154,3 +154,139 @@ def test_get_config_round_trips_both_cache_types(cache_type):
     assert type(rebuilt) is cache_type  # pylint: disable=unidiomatic-typecheck
     assert rebuilt.get_config() == cache.get_config()
     assert rebuilt.feature_spec == cache.feature_spec and rebuilt.name == "movies"
+
+
+# ------------------------------------------------------------------ every save format
+
+
+class SavableToy(toy.ToyModel):
+    """The toy model as `model.save` needs it: a config, and a `call` that builds both towers."""
+
+    def __init__(self, cache_size=128, **kwargs):
+        super().__init__(cache_size=cache_size, **kwargs)
+
+    def get_config(self):
+        return {"cache_size": self.task.cache.size}
+
+    def call(self, features):
+        return self.query_tower(features["user_id"]), self.candidate_tower(
+            {"item_id": features["item_id"], "tokens": features["tokens"]})
+
+
+def savable(steps=4, model_cls=SavableToy, cache_size=128):
+    """A model after `steps` steps, built (called once) as saving and loading need."""
+    model = model_cls(cache_size=cache_size)
+    model.compile(tf.keras.optimizers.Adam(0.05))
+    model.fit(toy.dataset(toy.interactions(64 * steps, seed=1), 64), epochs=1, verbose=0)
+    if model_cls is SavableToy:
+        model({k: tf.constant(v) for k, v in toy.interactions(2, seed=0).items()})
+    else:
+        model(tf.constant([0], tf.int64))
+    return model
+
+
+def state(model):
+    """Every weight, optimizer variable and id index of `model`, in order (names differ
+    between two instances of one model)."""
+    values = [v.numpy() for v in model.weights] + [v.numpy() for v in model.optimizer.variables()]
+    for task in model.cache_tasks():
+        for store in task.cache.stores():
+            keys, slots = (t.numpy() for t in store.index.export())
+            order = np.argsort(keys)
+            values += [keys[order], slots[order]]
+    return values
+
+
+def assert_same_state(a, b):
+    first, second = state(a), state(b)
+    assert len(first) == len(second)
+    for i, (x, y) in enumerate(zip(first, second)):
+        np.testing.assert_array_equal(x, y, err_msg=f"state entry {i}")
+
+
+def assert_index_matches_ids(model):
+    cache = model.task.cache
+    filled = int(cache.num_filled.numpy())
+    ids = cache.ids.numpy()[:filled]
+    assert len(np.unique(ids)) == filled
+    assert int(cache.index.size().numpy()) == filled
+    np.testing.assert_array_equal(cache.lookup(tf.constant(ids)).numpy(), np.arange(filled))
+
+
+def more_steps(*models):
+    data = toy.dataset(toy.interactions(64 * 3, seed=4), 64)
+    for model in models:
+        model.fit(data, epochs=1, verbose=0)
+
+
+def test_keras_format_restores_the_cache_with_its_index_and_resumes_exactly(tmp_path):
+    model = savable()
+    path = str(tmp_path / "m.keras")
+    model.save(path)
+    loaded = tf.keras.models.load_model(path, custom_objects={"SavableToy": SavableToy})
+    assert_same_state(model, loaded)     # the optimizer and the id index included
+    more_steps(model, loaded)
+    assert_same_state(model, loaded)
+    assert_index_matches_ids(loaded)
+
+
+@pytest.mark.parametrize("model_cls", [toy.ToyModel, StringToy])
+@pytest.mark.parametrize("suffix", [".keras", ".weights.h5"])
+def test_keras_format_weights_restore_the_index_into_a_built_model(tmp_path, suffix, model_cls):
+    model = savable(model_cls=model_cls, cache_size=64)
+    path = str(tmp_path / f"w{suffix}")
+    if suffix == ".keras":
+        model.save(path)
+    else:
+        model.save_weights(path)
+    restored = savable(steps=1, model_cls=model_cls, cache_size=64)   # another cache state
+    restored.load_weights(path)
+    assert_same_state(model, restored)
+    more_steps(model, restored)
+    assert_same_state(model, restored)
+    assert_index_matches_ids(restored)
+
+
+@pytest.mark.parametrize("suffix", [".keras", ".weights.h5"])
+def test_keras_format_weights_of_another_cache_are_refused_before_anything_is_restored(
+        tmp_path, suffix):
+    model = savable()
+    path = str(tmp_path / f"w{suffix}")
+    model.save(path) if suffix == ".keras" else model.save_weights(path)
+    other = savable(steps=1, cache_size=256)
+    before = full_state(other)
+    with pytest.raises(ValueError, match=r"Cannot restore the cache 'negative_cache'.*saved as "
+                                         r"\[replicated, size=128, .*\], but the model's cache "
+                                         r"is \[replicated, size=256, .*Nothing was restored"):
+        other.load_weights(path)
+    assert_unchanged(before, other)
+
+
+def test_savedmodel_keeps_the_cache_and_its_index(tmp_path):
+    model = savable()
+    model.save(str(tmp_path / "saved"))
+    loaded = tf.keras.models.load_model(str(tmp_path / "saved"),
+                                        custom_objects={"SavableToy": SavableToy})
+    # The TensorFlow SavedModel keeps every variable and the index (Keras does not restore
+    # an optimizer from it: its state starts afresh).
+    for a, b in zip(model.weights, loaded.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.name)
+    np.testing.assert_array_equal(lookups(loaded), lookups(model))
+    assert int(loaded.task.cache.index.size().numpy()) == 128
+    loaded.compile(tf.keras.optimizers.Adam(0.05))
+    more_steps(loaded)
+    assert_index_matches_ids(loaded)
+
+
+def test_tf_checkpoint_and_set_weights_keep_the_index(tmp_path):
+    model = savable()
+    path = tf.train.Checkpoint(model=model).write(str(tmp_path / "ckpt"))
+    restored = savable(steps=1)
+    tf.train.Checkpoint(model=restored).read(path).assert_existing_objects_matched()
+    assert_same_state(model, restored)
+    more_steps(model, restored)
+    assert_same_state(model, restored)
+    copied = savable(steps=1)
+    copied.set_weights(model.get_weights())
+    np.testing.assert_array_equal(lookups(copied), lookups(model))
+    assert_index_matches_ids(copied)

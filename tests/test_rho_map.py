@@ -1,18 +1,14 @@
 """The tower-cost map (`benchmarks.rho_map`): its arithmetic, an exact resume, and the
-`--quick` smoke run (a timing pass, every method, the report; about a minute)."""
+`--quick` smoke run (a timing pass, a method of each kind, the report; about a minute)."""
 
+import dataclasses
 import json
-import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 from benchmarks import rho_map
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_removed_misses_and_crossover():
@@ -67,18 +63,20 @@ def test_a_stopped_run_resumes_from_its_checkpoint_and_ends_as_an_uninterrupted_
                 (b["steps"], b["loss"], b["recall@10"], b["recall@100"]), method
 
 
+# Every code path of the map's methods, half of them: each baseline loss (plain, logQ, MNS), a
+# 4B batch and the cache (k = 4); the other four differ from these only in B or k.
+QUICK_METHODS = ["inbatch", "inbatch+logq-4b", "mns+logq", "cache-k4"]
+
+
 @pytest.mark.slow
-def test_quick_map_times_trains_every_method_and_reports(tmp_path):
-    env = dict(os.environ, TFNEGCACHE_RHO_MAP_DIR=str(tmp_path), TF_CPP_MIN_LOG_LEVEL="2",
-               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.rho_map", "--quick"], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=600, check=False)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def test_quick_map_times_trains_every_method_and_reports(tmp_path, run_benchmark):
+    run_benchmark("rho_map", "--quick", "--methods", *QUICK_METHODS, results=tmp_path,
+                  timeout=600)
     with open(tmp_path / "timing_dense-32x1x8_n10_b64_quick.json", encoding="utf-8") as f:
         timing = json.load(f)
-    assert set(timing["methods"]) == set(rho_map.METHODS)
+    assert set(timing["methods"]) == set(QUICK_METHODS)
     assert timing["rho"] > 0 and timing["scoring_ms"] > 0
-    for method in rho_map.METHODS:
+    for method in QUICK_METHODS:
         with open(tmp_path / f"dense-32x1x8_n10_b64_s0_{method}_quick.json",
                   encoding="utf-8") as f:
             run = json.load(f)
@@ -96,6 +94,26 @@ def test_quick_map_times_trains_every_method_and_reports(tmp_path):
     c = final[0]
     assert c["best_baseline"] in rho_map.BASELINES and c["cache"] in rho_map.CACHES
     assert c["removed"] == pytest.approx(rho_map.removed(c["cache_r@10"], c["baseline_r@10"]))
-    assert c["baseline_r@10"] == max(c[f"{m}_r@10"] for m in rho_map.BASELINES)
+    baselines = [m for m in QUICK_METHODS if m in rho_map.BASELINES]
+    assert c["baselines_run"] == sorted(baselines)
+    assert c["baseline_r@10"] == max(c[f"{m}_r@10"] for m in baselines)
     assert (tmp_path / "rho_map.png").stat().st_size > 0
     assert (tmp_path / "rho_map_curves.png").stat().st_size > 0
+
+
+def test_a_cache_size_without_its_own_baselines_is_compared_with_the_same_corpus_ones():
+    def run(cache, method, recalls):
+        config = rho_map.Config("rec-128x2x32", 0, 64, 18, cache, 1e-3, 2000)
+        return {"config": dataclasses.asdict(config), "setting": "rec-128x2x32",
+                "shape": "rec", "seed": 0, "method": method, "seconds": 4.0,
+                "marks": [1, 2], "complete": True,
+                "curve": [{"steps": s, "recall@10": r} for s, r in zip([1, 2], recalls)]}
+    timing = {"rho": 2.0, "methods": {m: {"step_ms": 2000.0, "warm_start_s": 0.0}
+                                      for m in rho_map.METHODS}}
+    runs = [run(16, "inbatch", [0.1, 0.2]), run(16, "cache-k1", [0.1, 0.3]),
+            run(18, "cache-k1", [0.2, 0.6])]
+    timings = {"rec-128x2x32_n18_c16_b64": timing, "rec-128x2x32_n18_b64": timing}
+    final = {c["group"]: c for c in rho_map.compare(runs, timings) if c["fraction"] == 1.0}
+    assert final["rec-128x2x32_n18_b64"]["best_baseline"] == "inbatch"
+    assert final["rec-128x2x32_n18_b64"]["removed"] == pytest.approx(1 - 0.4 / 0.8)
+    assert final["rec-128x2x32_n18_c16_b64"]["removed"] == pytest.approx(1 - 0.7 / 0.8)

@@ -2,15 +2,10 @@
 tiny corpus, about 30-50 s on 2 shared cores, marked `slow`) and its report."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
 from benchmarks import time_map
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_removed_misses():
@@ -20,12 +15,8 @@ def test_removed_misses():
 
 
 @pytest.mark.slow
-def test_quick_time_map_runs_every_method_and_reports(tmp_path):
-    env = dict(os.environ, TFNEGCACHE_TIME_MAP_DIR=str(tmp_path), TF_CPP_MIN_LOG_LEVEL="2",
-               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.time_map", "--quick"], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=300, check=False)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def test_quick_time_map_runs_every_method_and_reports(tmp_path, run_benchmark):
+    run_benchmark("time_map", "--quick", results=tmp_path)
     rows = {r["method"]: r for r in time_map.load(str(tmp_path))}
     assert set(rows) == set(time_map.METHODS)
     for method, row in rows.items():
@@ -58,9 +49,7 @@ def test_quick_time_map_runs_every_method_and_reports(tmp_path):
     # The cache's refresh and warm start count as training time.
     assert rows["cache"]["setup_seconds"] > 0
 
-    report = subprocess.run([sys.executable, "-m", "benchmarks.time_map", "--report"], cwd=ROOT,
-                            env=env, capture_output=True, text=True, timeout=120, check=False)
-    assert report.returncode == 0, report.stderr[-3000:]
+    run_benchmark("time_map", "--report", results=tmp_path, timeout=120)
     with open(tmp_path / "summary.json", encoding="utf-8") as f:
         summary = json.load(f)
     compared = {c["method"]: c for c in summary["comparison"]}

@@ -5,9 +5,6 @@ cores, most of it importing TensorFlow twice over); the rest are fast numpy chec
 """
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -15,7 +12,6 @@ import pytest
 from benchmarks import choose_workload
 from benchmarks import workload as W
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = dict(num_coarse=4, fine_per_coarse=4, fine_size=8, latent_dim=8)
 
 
@@ -83,13 +79,8 @@ def test_same_order_allows_only_tied_swaps():
 
 
 @pytest.mark.slow
-def test_quick_run_writes_a_sane_json(tmp_path):
-    env = dict(os.environ, TFNEGCACHE_WORKLOAD_DIR=str(tmp_path), TF_CPP_MIN_LOG_LEVEL="2",
-               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.choose_workload", "--quick"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
-                          check=False)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def test_quick_run_writes_a_sane_json(tmp_path, run_benchmark):
+    proc = run_benchmark("choose_workload", "--quick", results=tmp_path)
     assert "wrote" in proc.stdout
     with open(tmp_path / "quick.json", encoding="utf-8") as f:
         result = json.load(f)

@@ -49,6 +49,7 @@ _EXPORTS = {
     "ShardedNegativeCache": "tfnegcache.sharded",
     "check_checkpoint": "tfnegcache.restore",
     "gumbel_max_sample": "tfnegcache.sampling",
+    "measure_cost": "tfnegcache.cost",
     "run_step": "tfnegcache.step",
     "sample_cache": "tfnegcache.sampling",
     "warm_start": "tfnegcache.refresh",
@@ -56,9 +57,9 @@ _EXPORTS = {
 
 # Submodules reachable as attributes (`tfnegcache.negatives.MIN_FLOAT`) without their own
 # import.
-_SUBMODULES = ("cache", "checks", "distribute", "export", "fifo", "model", "negatives",
-               "refresh", "restore", "retrieval", "sampling", "scoring", "sharded", "spec",
-               "step", "store")
+_SUBMODULES = ("cache", "checks", "cost", "distribute", "export", "fifo", "loss_scale",
+               "model", "negatives", "refresh", "restore", "retrieval", "sampling", "scoring",
+               "sharded", "spec", "step", "store")
 
 __all__ = sorted(_EXPORTS)
 

@@ -31,6 +31,13 @@ class TrainingStep:
             tasks would plan their inserts from the same state and corrupt it).
         """
         for other, _, name in self.updates:
+            if other is cache and name == task_name:
+                raise ValueError(
+                    f"The task {name!r} was called twice in one training step: each call "
+                    f"draws from and writes to the cache {cache.name!r}, and each would plan "
+                    "its inserts from the same state, so the cache would be corrupted. Call "
+                    "each CacheRetrieval task once per step (concatenate the batches), or give "
+                    "each call a task with a cache of its own.")
             if other is cache:
                 raise ValueError(
                     f"The tasks {name!r} and {task_name!r} both draw from and write to the "

@@ -9,7 +9,7 @@ computes every row the step writes and every check of them, reading but never wr
 
 import abc
 import dataclasses
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import tensorflow as tf
 
@@ -36,11 +36,26 @@ def refresh_seed(cache_seed: int, step) -> tf.Tensor:
         tf.constant([cache_seed, _REFRESH_STREAM], tf.int64), tf.cast(step, tf.int64))
 
 
+def when_true(when: Optional[tf.Tensor], fn: Callable[[], None]) -> None:
+    """Runs `fn()` (writes, returning nothing), only if `when` is True when it is given.
+    (A `tf.cond` in cross-replica or single-replica context: never around a `merge_call`.)"""
+    if when is None:
+        fn()
+    else:
+        tf.cond(when, fn, lambda: None)
+
+
 class Cache(tf.keras.layers.Layer, abc.ABC):
     """What `CacheRetrieval` and `CachedRetrievalModel` need of a negative cache.
 
     `spec` holds what it stores; `stores()` the `CacheStore`s this process holds. Draws
     address slots in the cache's own numbering, which `CacheUpdate` uses too.
+
+    Example:
+
+    >>> cache = tfnegcache.NegativeCache(8, {"item": tf.TensorSpec([], tf.int64)}, 4)
+    >>> isinstance(cache, tfnegcache.Cache), cache.size, cache.embedding_dim
+    (True, 8, 4)
     """
 
     spec: CacheSpec
@@ -105,8 +120,10 @@ class Cache(tf.keras.layers.Layer, abc.ABC):
         """
 
     @abc.abstractmethod
-    def commit(self, writes: Writes) -> None:
-        """Applies prepared writes: scatters only."""
+    def commit(self, writes: Writes, when: Optional[tf.Tensor] = None) -> None:
+        """Applies prepared writes: scatters only; with `when` (a bool scalar, the same on
+        every replica), only if it is True (a step its loss-scale optimizer skipped writes
+        nothing)."""
 
     def update(self, update: Optional[CacheUpdate] = None, advance_step: bool = True) -> None:
         """`prepare` then `commit`: one transaction. With `advance_step` the cache's step
@@ -224,7 +241,8 @@ class NegativeCache(CacheStore, Cache):
                                      num_heads=sampling.query_heads(queries))
         return sampling.sample_cache(queries, self.embeddings, bias, inv_temperature,
                                      num_samples, seed, excluded_slots=excluded, plan=plan,
-                                     scoring_dtype=self.spec.scoring_dtype)
+                                     scoring_dtype=self.spec.scoring_dtype,
+                                     scattered_bias=masked_ids is not None)
 
     def log_mass(self, queries, temperature=None, masked_ids=None, excluded_ids=None,
                  top_m=None) -> tf.Tensor:
@@ -240,7 +258,8 @@ class NegativeCache(CacheStore, Cache):
                                      num_heads=sampling.query_heads(queries))
         return sampling.sample_cache(queries, self.embeddings, bias, inv_temperature, 1, None,
                                      excluded_slots=excluded, plan=plan,
-                                     scoring_dtype=self.spec.scoring_dtype).log_mass
+                                     scoring_dtype=self.spec.scoring_dtype,
+                                     scattered_bias=masked_ids is not None).log_mass
 
     def draw(self, queries, num_samples: int, temperature=None, masked_ids=None,
              excluded_ids=None, seed=None, top_m=None) -> CacheNegatives:
@@ -297,11 +316,19 @@ class NegativeCache(CacheStore, Cache):
                                   distribute.all_gather(valid), what)
         return self.plan(insert, written, checks_, advance_step)
 
-    def commit(self, writes: Writes) -> None:
+    def commit(self, writes: Writes, when: Optional[tf.Tensor] = None) -> None:
         """Applies prepared writes, once per worker in cross-replica context under a
-        strategy, to every copy of the variables and to the worker's id index."""
-        distribute.run_once(
-            lambda values: self.apply(dataclasses.replace(writes, **values)), writes.tensors())
+        strategy, to every copy of the variables and to the worker's id index (if `when`)."""
+        values = writes.tensors()
+        if when is not None:
+            values["when"] = when
+
+        def apply(values):
+            values = dict(values)
+            when = values.pop("when", None)
+            when_true(when, lambda: self.apply(dataclasses.replace(writes, **values)))
+
+        distribute.run_once(apply, values)
 
     def get_config(self):
         config = super().get_config()

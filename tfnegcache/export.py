@@ -11,8 +11,9 @@ whole corpus:
 
     {"user_id": tf.string [batch]}  ->  {"ids": tf.string [batch, k], "scores": float32 [batch, k]}
 
-(the input's name and dtype are `input_name` / `input_spec`; the output ids have the dtype of
-`candidate_ids`). Out-of-vocabulary queries are whatever the query tower makes of them: for the
+(the input's name and dtype are `input_name` / `input_spec`; a dict `input_spec`, for a
+query tower that takes a dict of features, gives one named input per key; the output ids have
+the dtype of `candidate_ids`). Out-of-vocabulary queries are whatever the query tower makes of them: for the
 MovieLens towers of `tfnegcache_examples.movielens`, an unknown user id maps to the
 `StringLookup`'s single OOV index, whose embedding is never trained, so every unknown user gets
 the same, non-personalised top k (well-formed ids and finite scores, no error).
@@ -31,10 +32,11 @@ one untouched; replacing an existing non-empty export takes `overwrite=True`.
 """
 
 import os
+import re
 import shutil
 import uuid
 from pathlib import Path
-from typing import Optional, Union
+from typing import Mapping, Optional, Union
 
 import tensorflow as tf
 import tensorflow_recommenders as tfrs
@@ -45,21 +47,71 @@ from tfnegcache import checks
 class _Served(tf.Module):
     """The exported object: an index that owns the query tower and the candidates."""
 
-    def __init__(self, index, input_name, input_spec):
+    def __init__(self, index, input_spec):
         super().__init__()
         self.index = index
-        self.input_name = input_name
 
         @tf.function(input_signature=[input_spec])
         def serve(queries):
             # A signature call checks dtypes but not shapes: without this a rank-2 request
             # fails deep in the index ("In[0] ndims must be >= 2"); with it, the error names
             # the input and the expected shape.
-            queries = tf.ensure_shape(queries, input_spec.shape, name=input_name)
+            queries = tf.nest.map_structure(
+                lambda query, spec: tf.ensure_shape(query, spec.shape, name=spec.name),
+                queries, input_spec)
             scores, ids = self.index(queries)
             return {"ids": ids, "scores": scores}
 
         self.serve = serve
+
+
+# What TensorFlow accepts as the name of a signature's input (an op name).
+_INPUT_NAME = re.compile(r"^[A-Za-z0-9.][A-Za-z0-9_.\-/]*$")
+
+
+def _named_input_spec(input_spec, input_name):
+    """The serving input: a `tf.TensorSpec` named `input_name`, or for a dict `input_spec`
+    (a query tower taking a dict) one spec per key, named by its key; each name becomes a
+    named input of the signature.
+
+    Raises:
+      ValueError: `input_spec` is neither; a name is not one TensorFlow accepts; or
+        `input_name` is given with a dict, or disagrees with the spec's own name.
+    """
+    if input_spec is None:
+        input_spec = tf.TensorSpec([None], tf.string)
+    if isinstance(input_spec, tf.TensorSpec):
+        if input_name is not None and input_spec.name not in (None, input_name):
+            raise ValueError(
+                "`input_name` and the name of `input_spec` must agree: both name the "
+                f"signature's input. Received: input_name={input_name!r}, "
+                f"input_spec={input_spec}.")
+        name = input_name or input_spec.name or "user_id"
+        specs = {name: input_spec}
+    elif (isinstance(input_spec, Mapping) and input_spec
+          and all(isinstance(v, tf.TensorSpec) for v in input_spec.values())):
+        if input_name is not None:
+            raise ValueError(
+                "`input_name` names the one input of a tf.TensorSpec `input_spec`; the keys of "
+                "a dict `input_spec` name its inputs. Received: input_name="
+                f"{input_name!r} with input_spec keys {sorted(map(str, input_spec))}.")
+        specs = dict(input_spec)
+    else:
+        raise ValueError(
+            "`input_spec` must be a tf.TensorSpec (one input, named `input_name`) or a "
+            "non-empty dict {name: tf.TensorSpec} (one input per key, for a query tower that "
+            f"takes a dict of features). Received: input_spec={input_spec!r}.")
+    for name in specs:
+        if not isinstance(name, str) or not _INPUT_NAME.match(name):
+            raise ValueError(
+                "Each input of the serving signature needs a name TensorFlow accepts: "
+                "letters, digits and `_ . - /`, starting with a letter, a digit or `.`. "
+                f"Received: {name!r}" + (" (`input_name`)." if isinstance(input_spec,
+                                                                      tf.TensorSpec)
+                                         else " (a key of `input_spec`)."))
+    named = {name: tf.TensorSpec(spec.shape, spec.dtype, name=name)
+             for name, spec in specs.items()}
+    return named if isinstance(input_spec, Mapping) else next(iter(named.values()))
 
 
 def _embeddings_from(candidates, candidate_ids):
@@ -141,11 +193,14 @@ def _check_query_model(query_model, input_spec, candidate_shape):
             f"query_model={_describe(query_model)}.")
 
     ran = None
+    specs = tf.nest.flatten(input_spec)
     try:
         traced = tf.function(query_model).get_concrete_function(input_spec)
         outputs = traced.structured_outputs
-        if input_spec.shape.rank is not None:
-            empty = tf.zeros([d or 0 for d in input_spec.shape.as_list()], input_spec.dtype)
+        if all(spec.shape.rank is not None for spec in specs):
+            empty = tf.nest.map_structure(
+                lambda spec: tf.zeros([d or 0 for d in spec.shape.as_list()], spec.dtype),
+                input_spec)
             ran = traced(empty)
     # Whatever fails here would fail every request: re-raised with the spec and tower named.
     except Exception as error:  # pylint: disable=broad-except
@@ -237,8 +292,8 @@ def export_retrieval_model(
     name: str = "retrieval",
     version: int = 1,
     base_dir: Union[str, os.PathLike] = "saved_models",
-    input_name: str = "user_id",
-    input_spec: Optional[tf.TensorSpec] = None,
+    input_name: Optional[str] = None,
+    input_spec: Union[None, tf.TensorSpec, Mapping[str, tf.TensorSpec]] = None,
     index: str = "brute_force",
     overwrite: bool = False,
 ) -> Path:
@@ -255,8 +310,11 @@ def export_retrieval_model(
       path: the version directory to write; default `<base_dir>/<name>/<version>`.
       k: how many candidates to return per query (at most n).
       name, version, base_dir: the default path's parts.
-      input_name: the signature's input name (default "user_id").
-      input_spec: the input's `tf.TensorSpec`; default `tf.TensorSpec([None], tf.string)`.
+      input_name: the signature's input name; default the name of `input_spec`, else
+        "user_id".
+      input_spec: the input's `tf.TensorSpec` (default `tf.TensorSpec([None], tf.string)`),
+        or for a query tower that takes a dict of features, `{name: tf.TensorSpec}`: the
+        signature then has one input per key, named by it (and `input_name` is not given).
       index: "brute_force" (exact, `tfrs.layers.factorized_top_k.BruteForce`) or "scann"
         (`tfrs.layers.factorized_top_k.ScaNN`, needs the `scann` package).
       overwrite: whether to replace `path` if it is a non-empty directory; the old directory
@@ -268,7 +326,9 @@ def export_retrieval_model(
 
     Raises:
       ValueError: if a candidate embedding is NaN or Inf, if `query_model` cannot be called
-        on `input_spec` or does not return float `[batch, d]`, or if `k` or `index` is invalid.
+        on `input_spec` or does not return float `[batch, d]`, if `input_spec` is neither a
+        `tf.TensorSpec` nor a dict of them (or its names are not valid input names), or if
+        `k` or `index` is invalid.
       FileExistsError: if `path` is a file, or a non-empty directory and `overwrite` is False.
       Nothing is written in these cases; if writing fails, `path` is left as it was.
     """
@@ -281,12 +341,11 @@ def export_retrieval_model(
     if path is None:
         path = Path(base_dir) / name / str(version)
     path = Path(path)
+    input_spec = _named_input_spec(input_spec, input_name)
     _check_target(path, overwrite)
     # Checked as indexed: a float64 beyond the float32 range becomes Inf here.
     embeddings = tf.cast(embeddings, tf.float32)
     _check_finite(embeddings, candidate_ids)
-    if input_spec is None:
-        input_spec = tf.TensorSpec([None], tf.string, name=input_name)
     _check_query_model(query_model, input_spec, embeddings.shape)
 
     if index == "brute_force":
@@ -298,8 +357,8 @@ def export_retrieval_model(
     # (several times) that the config is empty.
     layer.query_model = query_model
     layer.index(embeddings, candidate_ids)
-    served = _Served(layer, input_name, input_spec)
-    # Trace once so the signature's input carries `input_name`.
+    served = _Served(layer, input_spec)
+    # Trace once so the signature's inputs carry the specs' names.
     signature = served.serve.get_concrete_function()
     options = tf.saved_model.SaveOptions(
         namespace_whitelist=["Scann"] if index == "scann" else None)

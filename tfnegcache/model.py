@@ -9,6 +9,17 @@ from tfnegcache import distribute, restore, step
 from tfnegcache.retrieval import CacheRetrieval
 
 
+def _refuse_jit_compile(value) -> None:
+    if value:
+        raise ValueError(
+            "`jit_compile` must be False or None for a CachedRetrievalModel. Received: "
+            f"jit_compile={value!r}. Its caches find cached ids in a hash table "
+            "(tf.lookup.experimental.MutableHashTable, ops LookupTableFindV2 and "
+            "LookupTableInsertV2), which XLA cannot compile, so the first step would fail. "
+            "Compile the model without it, and run the towers under XLA instead: decorate "
+            "their computation with `tf.function(jit_compile=True)`.")
+
+
 class CachedRetrievalModel(tfrs.Model):
     """A `tfrs.Model` whose `train_step` also updates the caches of its `CacheRetrieval` tasks.
 
@@ -65,8 +76,39 @@ class CachedRetrievalModel(tfrs.Model):
         return tasks
 
     def compile(self, *args, **kwargs):
+        """`tf.keras.Model.compile`, refusing first what cannot train: two tasks sharing one
+        cache, and `jit_compile=True` (see `jit_compile`)."""
+        # jit_compile is compile's 8th parameter.
+        _refuse_jit_compile(kwargs.get("jit_compile", args[7] if len(args) > 7 else None))
         self.cache_tasks()   # refuses shared caches before anything is built
         return super().compile(*args, **kwargs)
+
+    @property
+    def jit_compile(self):
+        """False: the caches' id index is a hash table, which XLA cannot compile, so the
+        training and evaluation steps cannot be XLA-compiled as a whole. Setting it True raises
+        ValueError; compile the towers with XLA instead (`tf.function(jit_compile=True)` on
+        their computation)."""
+        return super().jit_compile
+
+    @jit_compile.setter
+    def jit_compile(self, value):
+        _refuse_jit_compile(value)
+        tfrs.Model.jit_compile.fset(self, value)
+
+    def compile_from_config(self, config: dict) -> None:
+        """What `tf.keras.models.load_model` calls to compile a loaded `.keras` model: as
+        `tf.keras.Model`'s, which skips models that override `compile` (this one checks its
+        tasks there), so that the optimizer and its state come back too."""
+        self.compile(**tf.keras.saving.deserialize_keras_object(config))
+        if isinstance(self.optimizer, tf.keras.optimizers.Optimizer) and self.built:
+            self.optimizer.build(self.trainable_variables)   # its variables, to be loaded
+
+    def _regularization(self, loss: tf.Tensor) -> tf.Tensor:
+        """The sum of the model's regularization losses in the loss's dtype (float64 under
+        `set_floatx("float64")`, where TFRS's empty sum would be float32)."""
+        return tf.add_n([tf.zeros([], loss.dtype)]
+                        + [tf.cast(tf.reduce_sum(l), loss.dtype) for l in self.losses])
 
     def _cache_logs(self, tasks) -> Dict[str, tf.Tensor]:
         logs = {}
@@ -81,7 +123,7 @@ class CachedRetrievalModel(tfrs.Model):
 
         def total_loss():
             parts["loss"] = self.compute_loss(inputs, training=True)
-            parts["regularization"] = tf.reduce_sum([tf.reduce_sum(l) for l in self.losses])
+            parts["regularization"] = self._regularization(parts["loss"])
             return parts["loss"] + parts["regularization"]
 
         step.run_step(total_loss, lambda: self.trainable_variables, self.optimizer)
@@ -94,9 +136,12 @@ class CachedRetrievalModel(tfrs.Model):
         return metrics
 
     def test_step(self, inputs):
-        logs = super().test_step(inputs)
-        logs["loss"] = distribute.all_reduce_sum(logs["loss"])
-        logs["total_loss"] = logs["loss"] + logs["regularization_loss"]
+        loss = tf.convert_to_tensor(self.compute_loss(inputs, training=False))
+        regularization = self._regularization(loss)
+        logs = {metric.name: metric.result() for metric in self.metrics}
+        logs["loss"] = distribute.all_reduce_sum(loss)
+        logs["regularization_loss"] = regularization
+        logs["total_loss"] = logs["loss"] + regularization
         for task in self.cache_tasks():
             logs.pop(task.staleness.name, None)
         return logs
@@ -116,10 +161,18 @@ class CachedRetrievalModel(tfrs.Model):
         restore.check_checkpoint(self, filepath)
         status = super().load_weights(filepath, skip_mismatch=skip_mismatch, by_name=by_name,
                                       options=options)
+        self._rebuild_indexes()
+        return status
+
+    def set_weights(self, weights) -> None:
+        """`tf.keras.Model.set_weights`, then the caches' id indexes the new ids imply."""
+        super().set_weights(weights)
+        self._rebuild_indexes()
+
+    def _rebuild_indexes(self) -> None:
         for task in self.cache_tasks():
             for store in task.cache.stores():
                 store.rebuild_index()
-        return status
 
     @property
     def distribute_reduction_method(self):

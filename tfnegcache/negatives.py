@@ -49,6 +49,17 @@ class CacheNegatives:
         a uniform draw on a slot ineligible for its query. They get no weight, no
         write-back and no staleness statistics.
       log_mass: `[B]` the stale log-mass of the eligible slots (Gumbel draws), or None.
+
+    Example:
+
+    >>> cache = tfnegcache.NegativeCache(8, {"item": tf.TensorSpec([], tf.int64)}, 2)
+    >>> ids = tf.range(4, dtype=tf.int64)
+    >>> cache.insert({"item": ids}, tf.zeros([4, 2]), ids)
+    >>> negatives = cache.draw(tf.ones([3, 2]), num_samples=2)
+    >>> negatives.slots.shape, negatives.features["item"].shape, negatives.log_prob.shape
+    (TensorShape([6]), TensorShape([6]), TensorShape([3, 2]))
+    >>> np.allclose(np.exp(negatives.log_prob), 1 / 4)      # equal scores: uniform over 4
+    True
     """
 
     slots: tf.Tensor

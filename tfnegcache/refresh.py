@@ -47,8 +47,9 @@ def refresh_all(cache, encoder: Encoder, batch_size: int = 1024) -> int:
     (one traced function per store and chunk shape); returns the count.
 
     A chunk is written when it is encoded: if the encoder fails (or returns a non-finite row)
-    in a later chunk, the chunks before it stay refreshed. Every row is then either its old
-    value or the fresh one, and the id index is untouched.
+    in a later chunk, the chunks before it stay refreshed, and the error says up to which
+    slot. Every row is then either its old value or the fresh one, and the id index is
+    untouched.
     """
     batch_size = min(checks.integer("batch_size", batch_size, 1), cache.spec.size)
     total = 0
@@ -67,9 +68,23 @@ def refresh_all(cache, encoder: Encoder, batch_size: int = 1024) -> int:
             memo[key] = refresh_chunk
         filled = int(store.num_filled.numpy())
         for start in range(0, filled, batch_size):
-            memo[key](tf.constant(start, tf.int64))
+            try:
+                memo[key](tf.constant(start, tf.int64))
+            except tf.errors.OpError as error:
+                raise _stopped(error, f"refresh_all re-encoded slots [0, {start}) of "
+                                      f"{store.name!r} and stopped at the chunk of slots "
+                                      f"[{start}, {min(start + batch_size, filled)})") from error
         total += filled
     return total
+
+
+def _stopped(error: tf.errors.OpError, what: str) -> tf.errors.OpError:
+    """`error` (same type) with `what` was done before it in front of its message."""
+    message = f"{what}: {error.message}"
+    try:
+        return type(error)(error.node_def, error.op, message)
+    except TypeError:   # the base class also takes the code
+        return tf.errors.OpError(error.node_def, error.op, message, error.error_code)
 
 
 def warm_start(cache, dataset: tf.data.Dataset, candidate_model: Encoder, id_key: str = "id",
@@ -81,7 +96,7 @@ def warm_start(cache, dataset: tf.data.Dataset, candidate_model: Encoder, id_key
     Candidates are encoded by `candidate_model` with the current weights and inserted in
     dataset order (FIFO over distinct ids); the cache's step does not advance. Each batch is
     one transaction: a batch with a bad row (say a NaN embedding) raises and writes nothing,
-    and the batches before it stay inserted.
+    and the batches before it stay inserted (the error says how many rows that is).
 
     Args:
       dataset: candidates, e.g. the movie table as a `tf.data.Dataset`.
@@ -89,6 +104,19 @@ def warm_start(cache, dataset: tf.data.Dataset, candidate_model: Encoder, id_key
       id_key: the element key holding the candidate id.
       batch_size: candidates per tower call and insert (capped at the cache size).
       batched: whether `dataset` already yields batches.
+
+    Returns:
+      The number of rows read.
+
+    Example:
+
+    >>> cache = tfnegcache.NegativeCache(100, {"item": tf.TensorSpec([], tf.int64)}, 4)
+    >>> tower = tf.keras.layers.Embedding(1000, 4)
+    >>> items = tf.data.Dataset.range(60).map(lambda i: {"item": i, "id": i})
+    >>> tfnegcache.warm_start(cache, items, lambda f: tower(f["item"]))
+    60
+    >>> int(cache.num_filled)
+    60
     """
     batch_size = min(checks.integer("batch_size", batch_size, 1), cache.spec.size)
     if not batched:
@@ -109,7 +137,11 @@ def warm_start(cache, dataset: tf.data.Dataset, candidate_model: Encoder, id_key
             raise ValueError(
                 f"warm_start: dataset elements must hold the candidate id under `id_key` "
                 f"({id_key!r}). Received keys: {sorted(element)}.")
-        rows += int(insert(element))
+        try:
+            rows += int(insert(element))
+        except tf.errors.OpError as error:
+            raise _stopped(error, f"warm_start inserted the first {rows} rows of the dataset "
+                                  f"and stopped at the batch of rows from {rows} on") from error
     return rows
 
 
@@ -122,10 +154,20 @@ class CacheRefreshCallback(tf.keras.callbacks.Callback):
     `candidate_model` is the encoder.
 
     Args:
-      every_n_steps: refresh after every K-th training step (counted over the whole `fit`,
-        also with `compile(steps_per_execution=...)`), or None.
+      every_n_steps: refresh after every K-th step of the optimizer, or None. Steps are the
+        optimizer's (`model.optimizer.iterations`), so every step counts, also under
+        `compile(steps_per_execution=S)`, where Keras reports one batch end per S steps (the
+        refresh then comes at the first batch end at or after each K-th step; one refresh
+        for all the multiples of K that one execution crosses), and the schedule goes on
+        across `fit` calls and resumed runs.
       at_epoch_end: refresh at the end of each epoch.
       batch_size: slots per tower call.
+
+    Example (pass it to `fit`: `model.fit(data, callbacks=[refresh])`):
+
+    >>> refresh = tfnegcache.CacheRefreshCallback(every_n_steps=100, at_epoch_end=False)
+    >>> refresh.every_n_steps, refresh.refreshes
+    (100, 0)
     """
 
     def __init__(self, every_n_steps: Optional[int] = None, at_epoch_end: bool = True,
@@ -135,8 +177,7 @@ class CacheRefreshCallback(tf.keras.callbacks.Callback):
         self.at_epoch_end = bool(at_epoch_end)
         self.batch_size = checks.integer("batch_size", batch_size, 1)
         self.refreshes = 0
-        self._steps = 0        # training steps done in this fit, at the last batch end
-        self._epoch_start = 0
+        self._last = None      # the optimizer's step count at the last batch end
 
     def refresh(self) -> None:
         """Re-encodes every filled slot of every cache of the model now."""
@@ -144,20 +185,25 @@ class CacheRefreshCallback(tf.keras.callbacks.Callback):
             refresh_all(task.cache, task.candidate_model, self.batch_size)
         self.refreshes += 1
 
-    def on_train_begin(self, logs=None):
-        self._steps = self._epoch_start = 0
+    def _steps(self) -> int:
+        return int(self.model.optimizer.iterations.numpy())
 
-    def on_epoch_begin(self, epoch, logs=None):
-        self._epoch_start = self._steps
+    def on_train_begin(self, logs=None):
+        self._last = None
+
+    def on_train_batch_begin(self, batch, logs=None):
+        # Read at the first batch, after every callback's on_train_begin: BackupAndRestore
+        # restores the optimizer's step count there.
+        if self._last is None:
+            self._last = self._steps()
 
     def on_train_batch_end(self, batch, logs=None):
-        # `batch` is the index of the last step run (steps_per_execution runs several per
-        # call): count steps, not calls.
-        steps = self._epoch_start + batch + 1
+        # Not `batch`: it numbers steps within an epoch, from where a resumed epoch starts.
+        steps = self._steps()
         if self.every_n_steps is not None and \
-                steps // self.every_n_steps > self._steps // self.every_n_steps:
+                steps // self.every_n_steps > self._last // self.every_n_steps:
             self.refresh()
-        self._steps = steps
+        self._last = steps
 
     def on_epoch_end(self, epoch, logs=None):
         if self.at_epoch_end:

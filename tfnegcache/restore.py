@@ -18,11 +18,17 @@ _ATTRIBUTE = "/.ATTRIBUTES/VARIABLE_VALUE"
 _STATE = ("embeddings", "ids", "inserted_at", "updated_at", "num_filled", "cursor", "step")
 
 
+def is_keras_v3(filepath) -> bool:
+    """Whether Keras writes or reads `filepath` in its own format: a `.keras` archive
+    (`model.save`), or `.weights.h5` (`save_weights`), variables by position per layer."""
+    return str(filepath).endswith((".keras", ".weights.h5"))
+
+
 def is_h5(filepath, save_format: Optional[str] = None) -> bool:
-    """Whether Keras writes or reads `filepath` in the HDF5 format."""
+    """Whether Keras writes or reads `filepath` in the (legacy) HDF5 weights format."""
     if save_format is not None:
         return save_format.lower() in ("h5", "hdf5")
-    return str(filepath).endswith((".h5", ".hdf5", ".keras"))
+    return str(filepath).endswith((".h5", ".hdf5")) and not is_keras_v3(filepath)
 
 
 def _spec_of(variables: Dict[str, Tuple[tuple, tf.DType]]) -> Optional[dict]:
@@ -44,13 +50,18 @@ def cache_spec(cache) -> dict:
     spec = _spec_of({v.name[v.name.index(prefix) + len(prefix):].rsplit(":", 1)[0]:
                      (tuple(v.shape), v.dtype) for v in stores[0].weights})
     spec["layout"] = "replicated" if stores == [cache] else "sharded"
+    if spec["layout"] == "sharded":
+        spec["shards"] = len(stores)
     return spec
 
 
 def describe(spec: dict) -> str:
     features = ", ".join(f"{name}: {list(shape)} {dtype}"
                          for name, (shape, dtype) in spec["features"].items())
-    return (f"{spec['layout']}, size={spec['size']}, embedding_dim={spec['embedding_dim']} "
+    layout = spec["layout"]
+    if "shards" in spec:
+        layout += f" over {spec['shards']} shard{'s' if spec['shards'] != 1 else ''}"
+    return (f"{layout}, size={spec['size']}, embedding_dim={spec['embedding_dim']} "
             f"({spec['embedding_dtype']}), id_dtype={spec['id_dtype']}, "
             f"features {{{features}}}")
 
@@ -96,6 +107,8 @@ def _combine(groups: Dict[str, dict]) -> Optional[dict]:
         return None
     spec = specs[0]
     spec["layout"] = "replicated" if list(groups) == [""] else "sharded"
+    if spec["layout"] == "sharded":
+        spec["shards"] = len(groups)
     return spec
 
 
@@ -122,17 +135,134 @@ def _saved_h5(filepath, model) -> Dict[str, Optional[dict]]:
     return {name: _combine(g) for name, g in groups.items()}
 
 
+def _keras_v3_paths(model) -> Dict[int, str]:
+    """`{id(store): path}` of every `CacheStore` under `model` in a `.keras` / `.weights.h5`
+    file: the walk of tf_keras's `saving_lib` (attributes in reverse sorted order, a layer
+    in a list or dict named by its snake-cased class, each object once)."""
+    # pylint: disable=g-import-not-at-top,protected-access
+    from tf_keras.src.saving import saving_lib
+    from tf_keras.src.utils import generic_utils
+    from tfnegcache.store import CacheStore
+
+    found, visited = {}, set()
+
+    def visit(obj, path):
+        if id(obj) in visited:
+            return
+        visited.add(id(obj))
+        if isinstance(obj, CacheStore):
+            found[id(obj)] = path
+        for attr, child in saving_lib._walk_trackable(obj):
+            if saving_lib._is_keras_trackable(child):
+                visit(child, tf.io.gfile.join(path, attr))
+            elif isinstance(child, (list, dict, tuple, set)):
+                used = {}
+                for item in (list(child.values()) if isinstance(child, dict) else child):
+                    if not saving_lib._is_keras_trackable(item) or id(item) in visited:
+                        continue
+                    name = generic_utils.to_snake_case(type(item).__name__)
+                    used[name] = used.get(name, -1) + 1
+                    name = f"{name}_{used[name]}" if used[name] else name
+                    visit(item, tf.io.gfile.join(path, attr, name))
+
+    visit(model, "")
+    return found
+
+
+def _h5_dtype(dataset) -> tf.DType:
+    return tf.string if dataset.dtype.kind in "OSU" else tf.as_dtype(dataset.dtype)
+
+
+def _positional(saved, feature_names: List[str]) -> Dict[str, Tuple[tuple, tf.DType]]:
+    """`{name: (shape, dtype)}` of one store saved by position: the features first (named as
+    the model's when there are as many), then `_STATE`."""
+    arrays = [saved[str(j)] for j in range(len(saved))]
+    if len(arrays) < len(_STATE):
+        return {}
+    features, state = arrays[:-len(_STATE)], arrays[-len(_STATE):]
+    names = (list(feature_names) if len(features) == len(feature_names)
+             else [f"#{j}" for j in range(len(features))])
+    variables = {f"features/{n}": (tuple(a.shape), _h5_dtype(a)) for n, a in zip(names, features)}
+    variables.update({n: (tuple(a.shape), _h5_dtype(a)) for n, a in zip(_STATE, state)})
+    return variables
+
+
+def _saved_keras_v3(filepath, model, caches) -> List[Tuple[object, Optional[dict]]]:
+    """`[(cache, saved spec or None)]` from a `.keras` archive or a `.weights.h5` file.
+
+    The format keeps a layer's variables by position, not by name, so the saved features take
+    the model's names when there are as many (a feature renamed with its shape and dtype
+    unchanged is not seen). A sharded cache's shards are saved as siblings `cache_store`,
+    `cache_store_1`, ... of one list."""
+    # pylint: disable=g-import-not-at-top
+    import zipfile
+    from tf_keras.src.saving import saving_lib
+
+    paths = _keras_v3_paths(model)
+    archive = None
+    if str(filepath).endswith(".keras"):
+        archive = zipfile.ZipFile(os.fspath(filepath), "r")
+        store = saving_lib.H5IOStore("model.weights.h5", archive=archive, mode="r")
+    else:
+        store = saving_lib.H5IOStore(os.fspath(filepath), mode="r")
+    try:
+        found = []
+        for cache, _ in caches:
+            stores = cache.stores()
+            feature_names = sorted(cache.spec.feature_spec)
+            first = paths.get(id(stores[0]))
+            if first is None:
+                found.append((cache, None))
+                continue
+            if stores == [cache]:
+                shard_paths = [first]
+            else:
+                parent, base = first.rsplit("/", 1)
+                base = re.sub(r"_\d+$", "", base)
+                shard_paths = []
+                while True:
+                    index = len(shard_paths)
+                    path = f"{parent}/{base}" + (f"_{index}" if index else "")
+                    if not len(store.get(path)):   # pylint: disable=g-explicit-length-test
+                        break
+                    shard_paths.append(path)
+            groups = {("" if stores == [cache] else str(i)): _positional(store.get(path),
+                                                                        feature_names)
+                      for i, path in enumerate(shard_paths)}
+            groups = {k: v for k, v in groups.items() if v}
+            found.append((cache, _combine(groups)))
+        return found
+    finally:
+        store.close()
+        if archive is not None:
+            archive.close()
+
+
 def check_checkpoint(model, filepath) -> None:
     """Raises ValueError, naming both specs, when a cache saved in the weights file `filepath`
     differs from the cache at the same place under `model`; reads the file, changes nothing.
 
     `model` is any root of a checkpoint: a Keras model (`load_weights` calls this), or the
     `tf.train.Checkpoint` about to `restore(filepath)` (call it first).
+
+    Example:
+
+    >>> import tempfile
+    >>> spec = {"item": tf.TensorSpec([], tf.int64)}
+    >>> path = tf.train.Checkpoint(cache=tfnegcache.NegativeCache(8, spec, 4)).write(
+    ...     tempfile.mkdtemp() + "/ckpt")
+    >>> bigger = tf.train.Checkpoint(cache=tfnegcache.NegativeCache(16, spec, 4))
+    >>> tfnegcache.check_checkpoint(bigger, path)
+    Traceback (most recent call last):
+    ...
+    ValueError: Cannot restore the cache 'negative_cache' from '...': it was saved as [replicated, size=8, ...], but the model's cache is [replicated, size=16, ...]. Nothing was restored. Build the model with the cache it was saved with.
     """
     caches = _paths(model)
     if not caches:
         return
-    if is_h5(filepath):
+    if is_keras_v3(filepath):
+        pairs = _saved_keras_v3(filepath, model, caches)
+    elif is_h5(filepath):
         saved = _saved_h5(filepath, model)
         pairs = [(cache, saved.get(cache.name)) for cache, _ in caches]
     else:

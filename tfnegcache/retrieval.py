@@ -146,6 +146,38 @@ class CacheRetrieval(tfrs.tasks.Retrieval):
         # An index built without identifiers numbers its rows (int32): positions, not ids.
         return id_dtype is not None and id_dtype != tf.int32 and id_dtype == candidate_ids.dtype
 
+    @staticmethod
+    def _metric_dtype(metric, id_based: bool, dtype: tf.DType) -> tf.DType:
+        """The dtype `metric` is given embeddings in: its top-k index's compute dtype (the
+        dtype policy it was built under), else the task's `dtype`.
+
+        Raises:
+          ValueError: the metric cannot work in that dtype: TFRS's streaming index keeps its
+            top-k scores in float32, and its score-based accuracy (`tf.math.in_top_k`)
+            ranks float32 scores only.
+        """
+        index = getattr(metric, "_candidates", None)
+        index_dtype = getattr(index, "compute_dtype", None)
+        if index_dtype is None:
+            return dtype
+        index_dtype = tf.as_dtype(index_dtype)
+        streaming = isinstance(index, tfrs.layers.factorized_top_k.Streaming)
+        if index_dtype != tf.float32 and (streaming or not id_based):
+            what = ("its streaming index (FactorizedTopK(candidates=dataset)) keeps its "
+                    "top-k scores" if streaming else
+                    "score-based top-k accuracy (an index without the candidates' ids) "
+                    "ranks scores")
+            raise ValueError(
+                f"The factorized metric {metric.name!r} cannot run in {index_dtype.name}, "
+                f"the compute dtype of its candidate index (built under the "
+                f"{index.dtype_policy.name!r} dtype policy): in TFRS, {what} in float32 "
+                "only. Index the candidates with their ids, "
+                "`tfrs.layers.factorized_top_k.BruteForce().index_from_dataset("
+                "candidates.map(lambda c: (c[id_key], candidate_model(c))))`, with ids of the "
+                "dtype of `candidate_ids` (id-based accuracy works in any dtype), or build "
+                "the metric's index under the float32 policy over float32 embeddings.")
+        return index_dtype
+
     def _check_inputs(self, query_embeddings, candidate_embeddings, candidate_ids,
                       candidate_features):
         spec = self.cache.spec
@@ -311,7 +343,7 @@ class CacheRetrieval(tfrs.tasks.Retrieval):
         Returns:
           The loss.
         """
-        if self.cache is None:
+        if self.cache is None or step.caches_ignored():
             return super().call(
                 query_embeddings, candidate_embeddings, sample_weight=sample_weight,
                 candidate_sampling_probability=candidate_sampling_probability,
@@ -378,10 +410,12 @@ class CacheRetrieval(tfrs.tasks.Retrieval):
         # As TFRS: top-k indexes score single-vector queries only.
         if compute_metrics and query_embeddings.shape.rank == 2:
             for metric in self._factorized_metrics:
+                id_based = self._id_based(metric, candidate_ids)
+                metric_dtype = self._metric_dtype(metric, id_based, dtype)
                 update_ops.append(metric.update_state(
-                    query_embeddings, candidate_embeddings[:tf.shape(query_embeddings)[0]],
-                    true_candidate_ids=(candidate_ids if self._id_based(metric, candidate_ids)
-                                        else None),
+                    tf.cast(query_embeddings, metric_dtype),
+                    tf.cast(candidate_embeddings[:tf.shape(query_embeddings)[0]], metric_dtype),
+                    true_candidate_ids=candidate_ids if id_based else None,
                     sample_weight=sample_weight))
         if compute_batch_metrics and self.use_in_batch_negatives:
             for metric in self._batch_metrics:

@@ -56,6 +56,13 @@ def gumbel_max_sample(logits: tf.Tensor, num_samples: int, seed: tf.Tensor) -> t
 
     Returns:
       `[num_queries, num_samples]` int32 indices into the last axis of `logits`.
+
+    Example:
+
+    >>> draws = tfnegcache.gumbel_max_sample(
+    ...     tf.constant([[0.0, -np.inf, 0.0]]), 1000, tf.constant([1, 2]))
+    >>> draws.shape, sorted(set(draws.numpy()[0].tolist()))
+    (TensorShape([1, 1000]), [0, 2])
     """
     tiled = tf.repeat(logits[:, None, :], num_samples, axis=1)
     return gumbel_argmax(tiled, seed)[0]
@@ -115,6 +122,7 @@ def sample_cache(
     excluded_slots: Optional[tf.Tensor] = None,
     plan: Optional[SamplerPlan] = None,
     scoring_dtype=None,
+    scattered_bias: bool = False,
 ) -> SlotDraw:
     """The cache's log-mass per query and, with a `seed`, exact draws from its softmax.
 
@@ -133,16 +141,27 @@ def sample_cache(
       plan: block and chunk sizes; `plan_sampler` chooses them when None.
       scoring_dtype: score in this dtype (e.g. `tf.bfloat16`; see `scoring.block_log_masses`);
         the log-mass and `log_prob` stay in the queries' dtype.
+      scattered_bias: whether `slot_bias` masks slots scattered over the cache (a batch's
+        candidates) rather than only its empty tail (a hint for the scoring's speed).
 
     Returns:
       A `SlotDraw`.
+
+    Example:
+
+    >>> embeddings = tf.random.stateless_normal([1000, 8], [0, 1])
+    >>> draw = tfnegcache.sample_cache(tf.ones([4, 8]), embeddings, tf.zeros([1000]), 1.0,
+    ...                                2, tf.constant([0, 1]))
+    >>> draw.slots.shape, draw.log_mass.shape
+    (TensorShape([4, 2]), TensorShape([4]))
     """
     queries, embeddings, excluded_slots = _prepare(queries, embeddings, excluded_slots)
     if plan is None:
         plan = plan_sampler(embeddings.shape[0], embeddings.shape[1], queries.shape[0],
                             num_heads=query_heads(queries))
     block_masses = scoring.block_log_masses(queries, embeddings, slot_bias, excluded_slots,
-                                            inv_temperature, plan, scoring_dtype)
+                                            inv_temperature, plan, scoring_dtype,
+                                            scattered_bias)
     log_mass = tf.reduce_logsumexp(block_masses, axis=-1)
     if seed is None:
         return SlotDraw(log_mass=log_mass)

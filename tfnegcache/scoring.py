@@ -114,7 +114,8 @@ def _chunk_rows(embeddings, slot_bias, plan, chunk_index, even):
 
 
 def block_log_masses(queries, embeddings, slot_bias, excluded_slots, inv_temperature,
-                     plan: SamplerPlan, scoring_dtype=None) -> tf.Tensor:
+                     plan: SamplerPlan, scoring_dtype=None,
+                     scattered_bias: bool = False) -> tf.Tensor:
     """Per-block `logsumexp` of masked scores, scoring one tile of the cache at a time: the
     shifted tiles of `tiled_block_log_masses`, or exact tiles where those cannot be used.
 
@@ -124,14 +125,15 @@ def block_log_masses(queries, embeddings, slot_bias, excluded_slots, inv_tempera
       the mass is under e^-60).
     """
     shifted, trouble, exact = tiled_block_log_masses(
-        queries, embeddings, slot_bias, excluded_slots, inv_temperature, plan, scoring_dtype)
+        queries, embeddings, slot_bias, excluded_slots, inv_temperature, plan, scoring_dtype,
+        scattered_bias)
     if shifted is None:
         return exact()
     return tf.cond(trouble, exact, lambda: shifted)
 
 
 def tiled_block_log_masses(queries, embeddings, slot_bias, excluded_slots, inv_temperature,
-                           plan: SamplerPlan, scoring_dtype=None):
+                           plan: SamplerPlan, scoring_dtype=None, scattered_bias: bool = False):
     """The block log-masses by shifted tiles, and whether they must be recomputed exactly.
 
     The tile loop is the sampler's hot path (it touches all `B * N` scores), so a tile costs one
@@ -147,9 +149,10 @@ def tiled_block_log_masses(queries, embeddings, slot_bias, excluded_slots, inv_t
       contiguous rows;
     - a query's excluded slot (its positive) is not masked in the tiles: the one block that
       holds it is re-scored exactly afterwards (`[B, b]` work, not `[B, N]`);
-    - slots ineligible for every query (masked in-batch candidates, the empty tail, padding)
-      are skipped the same way when they are few against N (the blocks holding one are
-      re-scored with the bias); otherwise the bias rides in the later tiles as a column;
+    - slots ineligible for every query ride in the later tiles as a bias column when they
+      are scattered (`scattered_bias`: masked in-batch candidates); when they are only the
+      empty tail and padding, the tiles skip them and the blocks holding one are re-scored
+      with the bias;
     - if any later tile overflows the shift, or the first chunk has nothing eligible for some
       query, every block is recomputed by exact max-shifted tiles.
 
@@ -219,11 +222,14 @@ def tiled_block_log_masses(queries, embeddings, slot_bias, excluded_slots, inv_t
         first_masses = _replace(first_masses, fixed_block, fixed_mass)
     best = tf.reduce_max(first_masses, axis=-1)              # [B], >= the best score
     shift = tf.where(tf.math.is_finite(best), best + _SHIFT_MARGIN, 0.0)
-    # Later tiles: the shift by a bias add (oneDNN fuses it into the matmul). With few
-    # slot-bias holes against N, the tiles skip the bias (`_rescore_bias_holes` after).
-    # (Measured at 2^16: the bias column cost 1.5x the clean tiles' scoring; re-scoring the
-    # holes' blocks costs less while they are at most half the slots.)
-    clean = plan.num_slots >= 2 * ((queries.shape[0] or 512) + 2) * plan.block_size
+    # Later tiles: the shift by a bias add (oneDNN fuses it into the matmul). When the bias
+    # masks only the empty tail (whole dead blocks and one partial block), the tiles skip it
+    # and the one block is re-scored (`_rescore_bias_holes`). Masks scattered over the cache
+    # (a batch's candidates) ride in the tiles as a bias column: re-scoring a block per
+    # masked slot cost more (at B = 256, 2^14-2^18 slots: +6 to +23 ms, where the column
+    # costs at most 4% over clean tiles).
+    clean = not scattered_bias and (
+        plan.num_slots >= 2 * ((queries.shape[0] or 512) + 2) * plan.block_size)
     plain = tf.cast(scaled, score_dtype)
 
     def shifted_chunk(chunk_index):

@@ -6,7 +6,7 @@ from typing import List, Optional
 import tensorflow as tf
 
 from tfnegcache import distribute, sampling
-from tfnegcache.cache import Cache, draw_seed, refresh_seed
+from tfnegcache.cache import Cache, draw_seed, refresh_seed, when_true
 from tfnegcache.negatives import CacheNegatives
 from tfnegcache.spec import CacheSpec
 from tfnegcache.store import CacheStore, CacheUpdate, Writes
@@ -106,7 +106,8 @@ class ShardedNegativeCache(Cache):
         local = sampling.sample_cache(global_queries, shard.embeddings, shard.slot_bias(masked),
                                       inv_temperature, num_samples, seed,
                                       excluded_slots=excluded, plan=plan,
-                                      scoring_dtype=self.spec.scoring_dtype)
+                                      scoring_dtype=self.spec.scoring_dtype,
+                                      scattered_bias=masked_ids is not None)
         # [R, B_global] -> this replica's rows [R, B].
         log_masses = tf.gather(distribute.all_stack(local.log_mass), rows, axis=1)
         return shard, local, rows, log_masses
@@ -178,8 +179,8 @@ class ShardedNegativeCache(Cache):
             local.append((slots % self.spec.size, rows, mine, what))
         return self.local_shard().plan(insert, local, checks_, advance_step)
 
-    def commit(self, writes: Writes) -> None:
-        self.local_shard().apply(writes)
+    def commit(self, writes: Writes, when: Optional[tf.Tensor] = None) -> None:
+        when_true(when, lambda: self.local_shard().apply(writes))
 
     def insert(self, features, embeddings, ids) -> None:
         """Inserts into the current replica's shard (shard 0 outside a replica context)."""
@@ -207,10 +208,13 @@ class ShardedCacheBackup(tf.keras.callbacks.Callback):
     `BackupAndRestore` does with its own. List it *after* `BackupAndRestore`, with the same
     `backup_dir`, so its restore runs after the chief's:
 
-    ```python
-    callbacks = [tf.keras.callbacks.BackupAndRestore(backup_dir),
-                 tfnegcache.ShardedCacheBackup(backup_dir)]
-    ```
+    Example:
+
+    >>> backup_dir = "/tmp/tfnegcache_backup"
+    >>> callbacks = [tf.keras.callbacks.BackupAndRestore(backup_dir),
+    ...              tfnegcache.ShardedCacheBackup(backup_dir)]
+    >>> callbacks[1].backup_dir
+    '/tmp/tfnegcache_backup'
 
     Replicated caches need nothing beyond `BackupAndRestore` (every copy is the same).
     """

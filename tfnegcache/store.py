@@ -33,6 +33,15 @@ class CacheUpdate:
 
     Slots are in the cache's own addressing (as `Cache.draw` returns them); every embedding
     was computed with the weights before the step's optimizer update.
+
+    Example:
+
+    >>> cache = tfnegcache.NegativeCache(8, {"item": tf.TensorSpec([], tf.int64)}, 2)
+    >>> ids = tf.constant([3, 5], tf.int64)
+    >>> cache.update(tfnegcache.CacheUpdate(
+    ...     insert_features={"item": ids}, insert_embeddings=tf.ones([2, 2]), insert_ids=ids))
+    >>> int(cache.num_filled), int(cache.step)
+    (2, 1)
     """
 
     insert_features: Optional[Dict[str, tf.Tensor]] = None
@@ -115,6 +124,7 @@ class CacheStore(tf.keras.layers.Layer):
             self.num_filled = variable("num_filled", [], tf.int64)
             self.cursor = variable("cursor", [], tf.int64)
             self.step = variable("step", [], tf.int64)
+        self.built = True   # every variable exists now (a SavedModel serializes it fully)
         self.index = tf.lookup.experimental.MutableHashTable(
             key_dtype=spec.id_dtype, value_dtype=tf.int64, default_value=-1, name="id_to_slot")
 
@@ -288,6 +298,17 @@ class CacheStore(tf.keras.layers.Layer):
         `tfnegcache.fifo`); `step` does not advance. A bad row raises before anything is
         written."""
         self.write(CacheUpdate(features, embeddings, ids))
+
+    def load_own_variables(self, store) -> None:
+        """Keras's `.keras` / `.weights.h5` loading (`load_model`, `load_weights`): the
+        variables, then the id index they imply (the format keeps variables only)."""
+        super().load_own_variables(store)
+        self.rebuild_index()
+
+    def set_weights(self, weights) -> None:
+        """`tf.keras.layers.Layer.set_weights`, then the id index the new ids imply."""
+        super().set_weights(weights)
+        self.rebuild_index()
 
     def rebuild_index(self) -> None:
         """Rebuilds the id index from `ids` and `num_filled` (after a restore from a format
