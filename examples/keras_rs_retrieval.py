@@ -24,7 +24,9 @@ it is in timestamp order, not TFDS's, so the seeded shuffle makes a different 80
 split of the same sizes. After training, the held-out top-100 accuracy is measured as TFRS's
 tutorial measures it (is the rated movie among the user's 100 best-scored movies?), with a
 `keras_rs.layers.BruteForceRetrieval(k=100)` over every movie, and printed next to the
-tutorial's figure with `tfrs.tasks.Retrieval`, measured by this project.
+tutorial's figure with `tfrs.tasks.Retrieval`, measured by this project. On MovieLens 100k the
+results (accuracies, fit and evaluation seconds, the machine's load, the commit) also go to
+`results/keras3/keras_rs_retrieval_BACKEND_eEPOCHS.json`, which docs/keras3.md quotes.
 """
 
 # Keras 3 first: with `tfnegcache` imported, TensorFlow would otherwise load Keras 2.
@@ -72,9 +74,15 @@ def top_k_accuracy(model, test_ratings, movies_count, k=100):
     return hits / total
 
 
+SEED = 42   # keras-rs's: the weights' and the split's seed
+RESULTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "results",
+                       "keras3")
+
+
 def run(loss, ratings, movies, num_ratings, epochs=50, verbose=2):
     """keras-rs's example with `loss` ("mse", "in-batch" or "cache"); returns its results."""
-    keras.utils.set_random_seed(42)
+    keras.utils.set_random_seed(SEED)
+    load_before = os.getloadavg()
     start = time.perf_counter()
     # -- from here on, keras-rs's example --
     users_count = (
@@ -199,9 +207,12 @@ def run(loss, ratings, movies, num_ratings, epochs=50, verbose=2):
     )
     # -- end of keras-rs's example (it goes on to print user 42's top 10) --
     seconds = time.perf_counter() - start
+    start = time.perf_counter()
     accuracy = top_k_accuracy(model, test_ratings, int(movies_count))
-    return {"backend": keras.backend.backend(), "loss": loss, "epochs": epochs,
+    return {"backend": keras.backend.backend(), "loss": loss, "epochs": epochs, "seed": SEED,
             "top_100_accuracy": accuracy, "fit_seconds": seconds,
+            "eval_seconds": time.perf_counter() - start,
+            "load_average_before": load_before, "load_average_after": os.getloadavg(),
             "history": {k: [float(x) for x in v] for k, v in history.history.items()},
             "model": model}
 
@@ -212,7 +223,9 @@ def main(argv=None):
     parser.add_argument("--epochs", type=int, default=50)
     parser.add_argument("--quick", action="store_true", help="2 epochs")
     parser.add_argument("--data-dir", help="MovieLens in the GroupLens ml-100k layout")
-    parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--json", help="write the results here (default on MovieLens 100k: "
+                                       "results/keras3/keras_rs_retrieval_BACKEND_eEPOCHS"
+                                       "[_LOSS].json; with --data-dir: nowhere)")
     parser.add_argument("--export", help="export the last model's user tower and a top-100 "
                                          "index over every movie here (a SavedModel)")
     parser.add_argument("--verbose", type=int, default=2)
@@ -236,12 +249,46 @@ def main(argv=None):
             np.arange(1, movies_count + 1, dtype="int32"), args.export, k=100,
             input_signature=[keras.InputSpec(shape=(None,), dtype="int32")], overwrite=True)
         print(f"exported the user tower and a top-100 index to {args.export}")
-    if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump([{k: v for k, v in r.items() if k != "model"} for r in results], f,
-                      indent=2)
+    path = args.json
+    if path is None and args.data_dir is None:
+        suffix = "" if args.loss == "all" else "_" + args.loss.replace("-", "_")
+        path = os.path.join(RESULTS, f"keras_rs_retrieval_{keras.backend.backend()}"
+                                     f"_e{epochs}{suffix}.json")
+    if path:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump({"command": "KERAS_BACKEND=" + keras.backend.backend()
+                                  + " python examples/keras_rs_retrieval.py "
+                                  + " ".join(argv if argv is not None else sys.argv[1:]),
+                       "results": [{k: v for k, v in r.items() if k != "model"}
+                                   for r in results],
+                       "machine": _machine()}, f, indent=2)
+        print("wrote", path)
     return results
+
+
+def _machine():
+    """What the results were measured with: the code's commit, versions, CPUs."""
+    import importlib.metadata  # pylint: disable=import-outside-toplevel
+    import platform  # pylint: disable=import-outside-toplevel
+    import subprocess  # pylint: disable=import-outside-toplevel
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        commit = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True,
+                                text=True, check=False).stdout.strip() or None
+        dirty = bool(subprocess.run(["git", "-C", here, "status", "--porcelain", "--",
+                                     ":/tfnegcache", ":/examples"], capture_output=True, text=True,
+                                    check=False).stdout.strip())
+    except OSError:
+        commit, dirty = None, None
+    versions = {}
+    for name in ("keras", "keras-rs", "jax", "tensorflow"):
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return {"commit": commit, "uncommitted_changes": dirty, "cpus": os.cpu_count(),
+            "platform": platform.platform(), "versions": versions}
 
 
 if __name__ == "__main__":
