@@ -307,6 +307,22 @@ def _keras3(mode, log2n, repeats):
                  str(log2n), "--repeats", str(repeats)])
 
 
+def _commit():
+    """The commit measured, and whether the library or the benchmarks had changes on top."""
+    here = os.path.dirname(os.path.abspath(__file__))
+
+    def git(*args):
+        return subprocess.run(["git", "-C", here, *args], capture_output=True, text=True,
+                              check=False).stdout.strip()
+
+    try:
+        return {"commit": git("rev-parse", "HEAD") or None,
+                "uncommitted_changes": bool(git("status", "--porcelain", "--", ":/tfnegcache",
+                                                ":/benchmarks"))}
+    except OSError:
+        return {"commit": None, "uncommitted_changes": None}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
@@ -367,7 +383,7 @@ def main(argv=None):
             targets["jax_logmass/tf_matmul at 2^20"] = row["jax_logmass/tf_matmul"]
             targets["logmass_within_1.3x_met"] = row["jax_logmass/tf_matmul"] <= 1.3
     path = _common.write_json("keras3_step_time", {"config": vars(args), "rows": rows,
-                                                   "targets": targets})
+                                                   "targets": targets, "code": _commit()})
     print(_common.table(rows, ["N", "tf_step_ms", "jax_step_ms", "tf/jax step",
                                "tf_inbatch_ms", "jax_inbatch_ms", "tf_matmul_ms",
                                "tf_logmass_ms", "jax_logmass_ms", "jax_matmul_tiles_ms",
