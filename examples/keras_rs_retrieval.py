@@ -26,7 +26,7 @@ tutorial measures it (is the rated movie among the user's 100 best-scored movies
 `keras_rs.layers.BruteForceRetrieval(k=100)` over every movie, and printed next to the
 tutorial's figure with `tfrs.tasks.Retrieval`, measured by this project. On MovieLens 100k the
 results (accuracies, fit and evaluation seconds, the machine's load, the commit) also go to
-`results/keras3/keras_rs_retrieval_BACKEND_eEPOCHS.json`, which docs/keras3.md quotes.
+`results/keras3/keras_rs_retrieval_<backend>_e<epochs>.json`, which docs/keras3.md quotes.
 """
 
 # Keras 3 first: with `tfnegcache` imported, TensorFlow would otherwise load Keras 2.
@@ -224,8 +224,8 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="2 epochs")
     parser.add_argument("--data-dir", help="MovieLens in the GroupLens ml-100k layout")
     parser.add_argument("--json", help="write the results here (default on MovieLens 100k: "
-                                       "results/keras3/keras_rs_retrieval_BACKEND_eEPOCHS"
-                                       "[_LOSS].json; with --data-dir: nowhere)")
+                                       "results/keras3/keras_rs_retrieval_<backend>_e<epochs>"
+                                       "[_<loss>].json; with --data-dir: nowhere)")
     parser.add_argument("--export", help="export the last model's user tower and a top-100 "
                                          "index over every movie here (a SavedModel)")
     parser.add_argument("--verbose", type=int, default=2)
