@@ -3,6 +3,9 @@
 from setuptools import find_packages, setup
 
 EXAMPLES = ["tensorflow-datasets>=4.9", "matplotlib>=3.8"]
+# The Keras 3 front end (`tfnegcache.keras3`): Keras 3 with keras-rs, on JAX (CPU build) or
+# TensorFlow. Pinned to the minor versions it is tested with.
+KERAS3 = ["keras>=3.10", "keras-rs>=0.4,<0.5", "jax[cpu]>=0.10.2,<0.11"]
 
 setup(
     name="tfnegcache",
@@ -29,7 +32,9 @@ setup(
         # The MovieLens job (`python -m tfnegcache train`: its plot, the TFDS data source),
         # the notebook and the benchmarks' plots.
         "examples": EXAMPLES,
+        "keras3": KERAS3,
+        # The suite runs the Keras 3 tests on both backends too.
         "test": ["pytest>=8", "scipy>=1.11", "nbclient>=0.10", "nbformat>=5.10",
-                 "ipykernel>=6.29"] + EXAMPLES,
+                 "ipykernel>=6.29"] + EXAMPLES + KERAS3,
     },
 )

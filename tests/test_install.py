@@ -87,3 +87,6 @@ def test_setup_keeps_the_extras_out_of_install_requires(monkeypatch):
     extras = setup_args["extras_require"]
     assert extras["examples"] == ["tensorflow-datasets>=4.9", "matplotlib>=3.8"]
     assert set(extras["examples"]) <= set(extras["test"])  # the suite runs the examples too
+    keras3 = [r.split(">")[0].split("<")[0].split("=")[0] for r in extras["keras3"]]
+    assert keras3 == ["keras", "keras-rs", "jax[cpu]"]
+    assert set(extras["keras3"]) <= set(extras["test"])    # ... and the Keras 3 tests

@@ -14,57 +14,16 @@ loop calls `run_step` with its own loss function, variables and optimizer.
 
 import contextlib
 import contextvars
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable
 
 import tensorflow as tf
 
 from tfnegcache import checks, loss_scale
 
-_CURRENT = contextvars.ContextVar("tfnegcache_training_step", default=None)
+# The step's record is pure Python, shared with the Keras 3 front end.
+from tfnegcache._record import TrainingStep, current, recording  # noqa: F401
+
 _IN_BATCH_ONLY = contextvars.ContextVar("tfnegcache_in_batch_only", default=False)
-
-
-class TrainingStep:
-    """What one training step's tasks share with the step: the numbering of their draws and
-    the cache updates they ask for, in order."""
-
-    def __init__(self) -> None:
-        self.updates: List[Tuple[object, object, str]] = []   # (cache, CacheUpdate, task)
-        self._draws: Dict[int, int] = {}
-
-    def next_draw(self, cache) -> int:
-        """The index of the next draw from `cache` in this step (0, 1, ...)."""
-        index = self._draws.get(id(cache), 0)
-        self._draws[id(cache)] = index + 1
-        return index
-
-    def record(self, cache, update, task_name: str) -> None:
-        """Records `update` of `cache`, asked by the task `task_name`.
-
-        Raises:
-          ValueError: another task already asked to update this cache in this step (two
-            tasks would plan their inserts from the same state and corrupt it).
-        """
-        for other, _, name in self.updates:
-            if other is cache and name == task_name:
-                raise ValueError(
-                    f"The task {name!r} was called twice in one training step: each call "
-                    f"draws from and writes to the cache {cache.name!r}, and each would plan "
-                    "its inserts from the same state, so the cache would be corrupted. Call "
-                    "each CacheRetrieval task once per step (concatenate the batches), or give "
-                    "each call a task with a cache of its own.")
-            if other is cache:
-                raise ValueError(
-                    f"The tasks {name!r} and {task_name!r} both draw from and write to the "
-                    f"cache {cache.name!r} in one training step: each would plan its inserts "
-                    "from the same state, and the cache would be corrupted. Give each "
-                    "CacheRetrieval task its own cache.")
-        self.updates.append((cache, update, task_name))
-
-
-def current() -> Optional[TrainingStep]:
-    """The training step being run in this context, or None (evaluation, prediction)."""
-    return _CURRENT.get()
 
 
 @contextlib.contextmanager
@@ -81,17 +40,6 @@ def in_batch_only():
 def caches_ignored() -> bool:
     """Whether `in_batch_only` is in force."""
     return _IN_BATCH_ONLY.get()
-
-
-@contextlib.contextmanager
-def recording():
-    """Opens a `TrainingStep` for the tasks called inside (what `run_step` does)."""
-    step = TrainingStep()
-    token = _CURRENT.set(step)
-    try:
-        yield step
-    finally:
-        _CURRENT.reset(token)
 
 
 def apply(step: TrainingStep, loss: tf.Tensor, gradients, variables, optimizer):

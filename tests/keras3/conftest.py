@@ -1,0 +1,54 @@
+"""The Keras 3 tests: one process per backend (`KERAS_BACKEND=jax` or `tensorflow`, fixed
+before Keras loads). `tests/test_keras3.py` runs this directory once per backend; run it
+alone with
+
+    KERAS_BACKEND=jax python -m pytest tests/keras3 -q
+"""
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+# The tests compile many small programs once each, where XLA's compile time is most of the
+# cost: compile them without the backend's optimisations (about half the compile time on
+# this CPU; the results are the same programs), and reuse identical programs across models
+# and caches through JAX's compilation cache.
+if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                               + " --xla_backend_optimization_level=0").strip()
+
+import tfnegcache.keras3  # noqa: E402,F401  first: Keras 3, TF_USE_LEGACY_KERAS left alone
+
+import keras  # noqa: E402
+import pytest  # noqa: E402
+
+if keras.backend.backend() == "jax":
+    import jax  # noqa: E402
+    jax.config.update("jax_compilation_cache_dir",
+                      tempfile.mkdtemp(prefix="tfnegcache-jax-cache-"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+
+def pytest_report_header(config):
+    return f"Keras {keras.__version__}, backend {keras.backend.backend()}"
+
+
+@pytest.fixture(scope="session", name="tf_reference")
+def fixture_tf_reference(tmp_path_factory):
+    """The TF front end's numbers on `cases.py` (computed by the main suite, or here)."""
+    path = os.environ.get("TFNEGCACHE_TF_REFERENCE")
+    if not path:
+        path = str(tmp_path_factory.mktemp("tf_reference") / "reference.json")
+        env = {k: v for k, v in os.environ.items() if k != "KERAS_BACKEND"}
+        env["TF_USE_LEGACY_KERAS"] = "1"
+        result = subprocess.run([sys.executable, os.path.join(HERE, "tf_reference.py"), path],
+                                env=env, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
