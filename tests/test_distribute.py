@@ -70,6 +70,17 @@ def fixture_mirrored(tmp_path_factory):
     return directory, code, log_path
 
 
+def run_scenario(tmp_path, name, *args, timeout=420):
+    """Runs scenario `name` alone, in a process of its own (scenarios that change process-wide
+    state: a dtype policy, a checkpoint to load elsewhere); returns the JSON it wrote."""
+    out = tmp_path / f"{name}.json"
+    log_path = tmp_path / f"{name}.log"
+    with open(log_path, "w") as log:
+        (code,) = _wait([_start([name, out, *args], log)], timeout)
+    assert code == 0, f"{name} exited with {code}:\n{log_path.read_text()[-4000:]}"
+    return json.loads(out.read_text())
+
+
 def scenario_result(mirrored, name):
     """The JSON that scenario `name` of the shared run wrote; fails with its traceback, or
     with the run's log if it never finished."""
