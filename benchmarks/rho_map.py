@@ -567,7 +567,8 @@ def compare(runs: List[dict], timings: Dict[str, dict]) -> List[dict]:
                 # As `step_marks` counts them: the whole steps done by the mark.
                 steps = max(1, int((mark - t["warm_start_s"]) * 1e3 / t["step_ms"]))
                 value = recall_at_steps(r["curve"], steps)
-                if value is None and r.get("complete") and steps > r["curve"][-1]["steps"]:
+                if (value is None and r.get("complete") and r["seconds"] >= mark * (1 - 1e-9)
+                        and steps > r["curve"][-1]["steps"]):
                     # Timed faster than when it ran: its last point, which understates it.
                     value = r["curve"][-1]["recall@10"]
                     clamped.append(method)

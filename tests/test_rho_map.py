@@ -117,3 +117,23 @@ def test_a_cache_size_without_its_own_baselines_is_compared_with_the_same_corpus
     assert final["rec-128x2x32_n18_b64"]["best_baseline"] == "inbatch"
     assert final["rec-128x2x32_n18_b64"]["removed"] == pytest.approx(1 - 0.4 / 0.8)
     assert final["rec-128x2x32_n18_c16_b64"]["removed"] == pytest.approx(1 - 0.7 / 0.8)
+
+
+def test_runs_of_different_budgets_are_compared_at_their_common_marks_only():
+    def run(method, seconds, steps, recalls):
+        config = rho_map.Config("mlp", 0, 64, 16, 16, 1e-3, 2000)
+        return {"config": dataclasses.asdict(config), "setting": "mlp", "shape": "mlp",
+                "seed": 0, "method": method, "seconds": seconds, "marks": steps,
+                "complete": True,
+                "curve": [{"steps": s, "recall@10": r} for s, r in zip(steps, recalls)]}
+    timing = {"rho": 1.0, "methods": {m: {"step_ms": 1000.0, "warm_start_s": 0.0}
+                                      for m in rho_map.METHODS}}
+    # The baseline ran to 8 s (marks 2, 4, 8 s); the cache stopped at 4 s (marks 2, 4 s).
+    runs = [run("inbatch", 8.0, [2, 4, 8], [0.2, 0.4, 0.6]),
+            run("cache-k1", 4.0, [2, 4], [0.1, 0.5])]
+    rows = rho_map.compare(runs, {"mlp_n16_b64": timing})
+    assert [r["seconds"] for r in rows] == [2.0, 4.0]      # nothing at 8 s: no cache there
+    assert rows[1]["removed"] == pytest.approx(1 - 0.5 / 0.6)
+    (summary,) = rho_map.summarise(rows)
+    assert summary["seconds"] == 4.0 and summary["removed_mean"] == pytest.approx(1 - 0.5 / 0.6)
+    assert summary["baseline_gain_last_doubling"] == "+0.200"
