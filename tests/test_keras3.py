@@ -43,16 +43,40 @@ def fixture_reference(tmp_path_factory):
     return str(path)
 
 
+@pytest.fixture(scope="module", name="suites")
+def fixture_suites(reference, tmp_path_factory):
+    """`tests/keras3` started once per backend, the backends side by side (one per core):
+    {backend: (process, stdout path, stderr path)}."""
+    directory = tmp_path_factory.mktemp("keras3_suites")
+    started = {}
+    for backend in BACKENDS:
+        out, err = directory / f"{backend}.out", directory / f"{backend}.err"
+        with open(out, "w") as stdout, open(err, "w") as stderr:
+            started[backend] = (subprocess.Popen(
+                [sys.executable, "-m", "pytest", "tests/keras3", "-q", "-p", "no:cacheprovider",
+                 "-W", "ignore::DeprecationWarning"],
+                env=clean_env(KERAS_BACKEND=backend, TFNEGCACHE_TF_REFERENCE=reference),
+                stdout=stdout, stderr=stderr, text=True, cwd=ROOT), out, err)
+    yield started
+    for proc, _, _ in started.values():
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_the_keras3_suite_passes_on(backend, reference):
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "tests/keras3", "-q", "-p", "no:cacheprovider",
-         "-W", "ignore::DeprecationWarning"],
-        env=clean_env(KERAS_BACKEND=backend, TFNEGCACHE_TF_REFERENCE=reference),
-        capture_output=True, text=True, timeout=1200, cwd=ROOT)
-    summary = result.stdout.strip().splitlines()[-1:] if result.stdout else []
-    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
+def test_the_keras3_suite_passes_on(backend, suites):
+    proc, out, err = suites[backend]
+    try:
+        returncode = proc.wait(timeout=1200)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        raise
+    stdout, stderr = out.read_text(), err.read_text()
+    summary = stdout.strip().splitlines()[-1:] if stdout else []
+    assert returncode == 0, stdout[-6000:] + stderr[-3000:]
     assert summary and " passed" in summary[0] and "failed" not in summary[0], summary
 
 
