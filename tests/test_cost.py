@@ -119,3 +119,15 @@ def test_the_command_prints_the_report_and_refuses_bad_targets():
                           (["cost_bad:not_a_pair"], "must return (model, batch)")):
         out = _cli(*args)
         assert out.returncode == 2 and message in out.stderr, (args, out.stderr[-2000:])
+
+
+def test_the_report_states_rho_the_break_even_and_the_measured_crossover():
+    from tfnegcache import cost  # pylint: disable=import-outside-toplevel
+    report = cost.CostReport(cache_step_ms=150.0, in_batch_step_ms=100.0, scoring_ms=20.0,
+                             batch_size=64, cache_slots=4096)
+    assert report.rho == 5.0 and report.overhead == 1.5
+    assert report.break_even_step_ratio == pytest.approx(2 / 3)
+    text = str(report)
+    assert "rho = 5 " in text and "under 67% of the steps" in text
+    assert "one seed (benchmarks.rho_map, docs/rho_map.md): dense 11.7" in text
+    assert "rec" not in text.splitlines()[-1]        # not bracketed: not printed
