@@ -129,5 +129,4 @@ def test_the_report_states_rho_the_break_even_and_the_measured_crossover():
     assert report.break_even_step_ratio == pytest.approx(2 / 3)
     text = str(report)
     assert "rho = 5 " in text and "under 67% of the steps" in text
-    assert "one seed (benchmarks.rho_map, docs/rho_map.md): dense 11.7" in text
-    assert "rec" not in text.splitlines()[-1]        # not bracketed: not printed
+    assert "one seed (benchmarks.rho_map, docs/rho_map.md): dense 11.7, rec 2.2" in text

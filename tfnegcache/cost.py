@@ -26,7 +26,7 @@ from tfnegcache import checks, step
 # Where the cache started to pay at equal time in `python -m benchmarks.rho_map`
 # (results/rho_map/summary.json, "crossover"; seed 0, docs/rho_map.md), by tower shape; None
 # where the runs did not bracket it.
-CROSSOVER_RHO: Dict[str, object] = {"dense": 11.7, "rec": None}
+CROSSOVER_RHO: Dict[str, object] = {"dense": 11.7, "rec": 2.2}
 
 
 @dataclasses.dataclass
