@@ -244,13 +244,14 @@ def main(argv=None):
     epochs = 2 if args.quick else args.epochs
     ratings, movies, num_ratings = load_movielens(args.data_dir)
     results = []
+    tfrs_figure = tfrs_tutorial_top_100()
     for loss in LOSSES if args.loss == "all" else (args.loss,):
         result = run(loss, ratings, movies, num_ratings, epochs, args.verbose)
         results.append(result)
         print(f"{result['backend']:10s} {loss:9s} held-out top-100 accuracy "
               f"{result['top_100_accuracy']:.4f} after {epochs} epochs "
               f"({result['fit_seconds']:.0f} s)   [TFRS tutorial, tfrs.tasks.Retrieval: "
-              f"{tfrs_tutorial_top_100()}]", flush=True)
+              f"{tfrs_figure}]", flush=True)
     if args.export:
         from tfnegcache.keras3.export import export_retrieval_model  # pylint: disable=import-outside-toplevel
         model = results[-1]["model"]
