@@ -2,7 +2,8 @@
 
 Logical CPU devices must be configured before TensorFlow initializes its devices, so the
 scenarios run in a fresh interpreter: `python tests/dist_scenarios.py NAME OUT_JSON [args]`,
-or several MirroredStrategy ones in one (`several`). A scenario prints nothing the test
+or several MirroredStrategy ones in one (`several`; a scenario that changes process-wide
+state, such as the dtype policy, sets it back). A scenario prints nothing the test
 reads; it writes its results as JSON to OUT_JSON.
 """
 
@@ -199,7 +200,8 @@ def sharded_save(out):
         model.compile(tf.keras.optimizers.Adam(0.05))
     model.fit(toy.dataset(toy.interactions(64 * 3, seed=9), 64), epochs=1, verbose=0)
     model(tf.constant([0], tf.int64))
-    directory = os.path.dirname(out)
+    directory = os.path.join(os.path.dirname(out), "sharded_save")   # its own `checkpoint`
+    os.makedirs(directory, exist_ok=True)
     paths = {fmt: os.path.join(directory, name)
              for fmt, name in (("tf", "sharded"), ("h5", "sharded.h5"),
                                ("keras", "sharded.weights.h5"))}
@@ -329,44 +331,47 @@ class RootQueries(tf.keras.layers.Embedding):
 def loss_scale_skip(out):
     """Under mixed_float16 on 2 replicas, a step whose gradient is NaN on one replica only is
     skipped by the loss-scale optimizer on both, and no copy of any cache changes; the next
-    step applies on both."""
+    step applies on both. Sets the float32 policy back when it ends."""
     split_cpu(2)
     tf.keras.mixed_precision.set_global_policy("mixed_float16")
-    strategy = mirrored(2)
-    result = {}
-    for layout in ("replicated", "sharded"):
-        with strategy.scope():
-            model = make_model(128, layout=layout)
-            model.compile(tf.keras.mixed_precision.LossScaleOptimizer(
-                tf.keras.optimizers.Adam(0.05), initial_scale=2**10))
-        data = toy.interactions(64 * 4, seed=5)
-        model.fit(toy.dataset(data, 64).take(3), epochs=1, verbose=0)
-        scale = float(model.optimizer.loss_scale.numpy())
-        batch = {k: v[:64].copy() for k, v in toy.interactions(64, seed=6).items()}
-        user = int(batch["user_id"][40])             # in replica 1's half of the batch
-        batch["user_id"][:32] = np.where(batch["user_id"][:32] == user, (user + 1) % 120,
-                                         batch["user_id"][:32])
-        weights = model.query_tower.embeddings.numpy()
-        weights[user, 3] = 0.0
-        model.query_tower.embeddings.assign(weights)
-        model.query_tower.__class__ = RootQueries
-        model.train_function = None
-        before = full_state(model)
-        model.fit(toy.dataset(batch, 64), epochs=1, verbose=0)
-        after = full_state(model)
-        changed = [k for k in before if before[k] != after[k]]
-        steps_before = [np.asarray(c).tolist() for s in model.task.cache.stores()
-                        for c in replica_values(s.step)]
-        model.query_tower.__class__ = tf.keras.layers.Embedding
-        model.train_function = None
-        model.fit(toy.dataset(toy.interactions(64, seed=7), 64), epochs=1, verbose=0)
-        result[layout] = {
-            "changed": changed, "num_state": len(before),
-            "scale": [scale, float(model.optimizer.loss_scale.numpy())],
-            "steps_after_skip": steps_before,
-            "steps_after_next": [np.asarray(c).tolist() for s in model.task.cache.stores()
-                                 for c in replica_values(s.step)]}
-    json.dump(result, open(out, "w"))
+    try:
+        strategy = mirrored(2)
+        result = {}
+        for layout in ("replicated", "sharded"):
+            with strategy.scope():
+                model = make_model(128, layout=layout)
+                model.compile(tf.keras.mixed_precision.LossScaleOptimizer(
+                    tf.keras.optimizers.Adam(0.05), initial_scale=2**10))
+            data = toy.interactions(64 * 4, seed=5)
+            model.fit(toy.dataset(data, 64).take(3), epochs=1, verbose=0)
+            scale = float(model.optimizer.loss_scale.numpy())
+            batch = {k: v[:64].copy() for k, v in toy.interactions(64, seed=6).items()}
+            user = int(batch["user_id"][40])             # in replica 1's half of the batch
+            batch["user_id"][:32] = np.where(batch["user_id"][:32] == user, (user + 1) % 120,
+                                             batch["user_id"][:32])
+            weights = model.query_tower.embeddings.numpy()
+            weights[user, 3] = 0.0
+            model.query_tower.embeddings.assign(weights)
+            model.query_tower.__class__ = RootQueries
+            model.train_function = None
+            before = full_state(model)
+            model.fit(toy.dataset(batch, 64), epochs=1, verbose=0)
+            after = full_state(model)
+            changed = [k for k in before if before[k] != after[k]]
+            steps_before = [np.asarray(c).tolist() for s in model.task.cache.stores()
+                            for c in replica_values(s.step)]
+            model.query_tower.__class__ = tf.keras.layers.Embedding
+            model.train_function = None
+            model.fit(toy.dataset(toy.interactions(64, seed=7), 64), epochs=1, verbose=0)
+            result[layout] = {
+                "changed": changed, "num_state": len(before),
+                "scale": [scale, float(model.optimizer.loss_scale.numpy())],
+                "steps_after_skip": steps_before,
+                "steps_after_next": [np.asarray(c).tolist() for s in model.task.cache.stores()
+                                     for c in replica_values(s.step)]}
+        json.dump(result, open(out, "w"))
+    finally:   # the policy is process-wide: the next scenario of `several` gets float32
+        tf.keras.mixed_precision.set_global_policy("float32")
 
 
 def fit_recall(out, epochs, names="single,replicated,sharded"):
@@ -413,17 +418,19 @@ class CacheSnapshots(tf.keras.callbacks.Callback):
             os._exit(17)  # pylint: disable=protected-access
 
 
-def worker(out, backup_dir, epochs, kill_at_epoch, layouts="replicated"):
+def worker(out, backup_dir, epochs, kill="none", layouts="replicated"):
     """One MultiWorkerMirroredStrategy worker (TF_CONFIG from the environment). Fits a model
     for each of the comma-separated `layouts` in turn (several share one start-up), each with
-    its backups and cache snapshots in a directory named after it, and writes
-    `{layout: results}` to OUT."""
+    its backups and cache snapshots in a directory named after it, resuming from its backup
+    if one is there. After each layout it writes `{layout: results}` so far to OUT. `kill`
+    ("LAYOUT:EPOCH" or "none") makes this worker exit with code 17 at the start of that
+    layout's epoch, as a machine failure would."""
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
     data = toy.interactions(64 * 2 * 12, seed=4)
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
     dataset = toy.dataset(data, 128).with_options(options)
-    kill = int(kill_at_epoch) if kill_at_epoch != "none" else None
+    kill_layout, _, kill_epoch = kill.partition(":")
     results = {}
     for layout in layouts.split(","):
         with strategy.scope():
@@ -434,13 +441,13 @@ def worker(out, backup_dir, epochs, kill_at_epoch, layouts="replicated"):
         backup = os.path.join(backup_dir, layout)
         callbacks = [tf.keras.callbacks.BackupAndRestore(backup),
                      tfnegcache.ShardedCacheBackup(backup),
-                     CacheSnapshots(directory, kill)]
+                     CacheSnapshots(directory, int(kill_epoch) if kill_layout == layout else None)]
         history = model.fit(dataset, epochs=int(epochs), verbose=0, callbacks=callbacks)
         results[layout] = {"loss": history.history["loss"],
                            "cache_step": int(cache_arrays(model.task.cache)["step:0"][0]),
                            "first_ids": cache_arrays(model.task.cache)["ids:0"][0][:8].tolist(),
                            "epochs_run": len(history.history["loss"])}
-    json.dump(results, open(out, "w"))
+        json.dump(results, open(out, "w"))
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """The cache under tf.distribute: MirroredStrategy on logical CPUs, MultiWorkerMirroredStrategy
 with local worker processes. The scenarios run in subprocesses (tests/dist_scenarios.py),
 since logical devices must be configured before TensorFlow initializes its devices: the
-MirroredStrategy ones all in one, shared by their tests. Every run is bounded in time, and
-the processes it started are killed."""
+MirroredStrategy ones all in one process, the multi-worker ones in three runs of one pair of
+workers, each shared by their tests. Every run is bounded in time, and the processes it
+started are killed."""
 
 import json
 import os
@@ -54,10 +55,10 @@ def _wait(procs, timeout):
     return [proc.returncode for proc in procs]
 
 
-# The MirroredStrategy scenarios, in one process (one TensorFlow start-up for the five), with
+# The MirroredStrategy scenarios, in one process (one TensorFlow start-up for the seven), with
 # their arguments; sharded_exact goes last, since it turns on op determinism for the process.
 MIRRORED = ("replicated_identical", "refresh_everything", "failed_step", "fit_recall:2",
-            "sharded_exact")
+            "sharded_save", "loss_scale_skip", "sharded_exact")
 
 
 @pytest.fixture(scope="module", name="mirrored")
@@ -68,17 +69,6 @@ def fixture_mirrored(tmp_path_factory):
     with open(log_path, "w") as log:
         (code,) = _wait([_start(["several", directory, *MIRRORED], log)], timeout=1500)
     return directory, code, log_path
-
-
-def run_scenario(tmp_path, name, *args, timeout=420):
-    """Runs scenario `name` alone, in a process of its own (scenarios that change process-wide
-    state: a dtype policy, a checkpoint to load elsewhere); returns the JSON it wrote."""
-    out = tmp_path / f"{name}.json"
-    log_path = tmp_path / f"{name}.log"
-    with open(log_path, "w") as log:
-        (code,) = _wait([_start([name, out, *args], log)], timeout)
-    assert code == 0, f"{name} exited with {code}:\n{log_path.read_text()[-4000:]}"
-    return json.loads(out.read_text())
 
 
 def scenario_result(mirrored, name):
@@ -171,22 +161,73 @@ def _free_ports(num):
     return ports
 
 
-def _workers(tmp_path, tag, backup, epochs, kill_at=None, layouts="replicated"):
+def _workers(directory, tag, backup, epochs, kill="none", layouts="replicated"):
+    """Starts the pair of workers of run `tag`; worker 1 gets `kill` ("LAYOUT:EPOCH")."""
     ports = _free_ports(2)
     cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
-    procs, outs, logs = [], [], []
+    procs, logs = [], []
     for index in range(2):
-        directory = tmp_path / f"{tag}-w{index}"
-        directory.mkdir()
-        out = directory / "out.json"
+        work = directory / f"{tag}-w{index}"
+        work.mkdir()
         tf_config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
-        kill = kill_at if (kill_at is not None and index == 1) else "none"
-        log = open(directory / "log", "w")
+        log = open(work / "log", "w")
         logs.append(log)
-        procs.append(_start(["worker", out, backup, epochs, kill, layouts], log,
+        procs.append(_start(["worker", work / "out.json", backup, epochs,
+                             kill if index == 1 else "none", layouts], log,
                             TF_CONFIG=tf_config))
-        outs.append(out)
-    return procs, outs, logs
+    return procs, logs
+
+
+# The multi-worker runs, one after the other with one backup directory: each layout trains
+# from scratch to the end once, and is killed once (worker 1 dies at the start of epoch 2,
+# after the backup of epoch 1; worker 0 then blocks in a collective, so the whole job is
+# stopped and restarted, as a cluster manager would) and resumed in the next run.
+#   run 1: replicated from scratch to the end; sharded killed
+#   run 2: sharded resumed; replicated (its backup gone with the finished run) killed
+#   run 3: replicated resumed; sharded (its backup gone) from scratch to the end
+MULTI_WORKER_RUNS = (("run1", "replicated,sharded", "sharded:2"),
+                     ("run2", "sharded,replicated", "replicated:2"),
+                     ("run3", "replicated,sharded", "none"))
+EPOCHS = 4
+
+
+@pytest.fixture(scope="module", name="multi_worker")
+def fixture_multi_worker(tmp_path_factory):
+    """`(directory, {run: [worker 0's exit code, worker 1's]})` of MULTI_WORKER_RUNS."""
+    directory = tmp_path_factory.mktemp("multi_worker")
+    codes = {}
+    for tag, layouts, kill in MULTI_WORKER_RUNS:
+        procs, logs = _workers(directory, tag, directory / "backup", EPOCHS, kill, layouts)
+        if kill != "none":
+            deadline = time.monotonic() + 300
+            while procs[1].poll() is None and time.monotonic() < deadline:
+                time.sleep(1)
+            codes[tag] = [procs[0].poll(), procs[1].poll()]
+            _wait(procs, 1)
+        else:
+            codes[tag] = _wait(procs, 300)
+        _close(logs)
+    return directory, codes
+
+
+def _logs(directory, tag):
+    return [(directory / f"{tag}-w{i}" / "log").read_text()[-3000:] for i in (0, 1)]
+
+
+def _results(multi_worker, tag, layout):
+    """Both workers' results for `layout` in run `tag` (written when its fit returned); a
+    run without a kill must have ended with exit code 0 on both workers."""
+    directory, codes = multi_worker
+    if dict((t, k) for t, _, k in MULTI_WORKER_RUNS)[tag] == "none":
+        assert codes[tag] == [0, 0], _logs(directory, tag)
+    out = []
+    for index in (0, 1):
+        path = directory / f"{tag}-w{index}" / "out.json"
+        assert path.exists(), _logs(directory, tag)
+        results = json.loads(path.read_text())
+        assert layout in results, _logs(directory, tag)
+        out.append(results[layout])
+    return out
 
 
 def _close(logs):
@@ -194,70 +235,46 @@ def _close(logs):
         log.close()
 
 
-@pytest.fixture(scope="module", name="multi_worker_fits")
-def fixture_multi_worker_fits(tmp_path_factory):
-    """`(exit codes, outputs, directory)` of two workers that fit both layouts, one after the
-    other (one start-up of the pair for both)."""
-    directory = tmp_path_factory.mktemp("multi_worker")
-    procs, outs, logs = _workers(directory, "run", directory / "backup", 3,
-                                 layouts="replicated,sharded")
-    codes = _wait(procs, 480)
-    _close(logs)
-    return codes, outs, directory
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", ["replicated", "sharded"])
-def test_multi_worker_fit_completes_with_the_same_loss_on_both_workers(multi_worker_fits, layout):
-    codes, outs, directory = multi_worker_fits
-    assert codes == [0, 0], [(directory / f"run-w{i}" / "log").read_text()[-3000:]
-                             for i in (0, 1)]
-    results = [json.loads(o.read_text())[layout] for o in outs]
-    assert len(results[0]["loss"]) == 3
+@pytest.mark.parametrize("layout,tag", [("replicated", "run1"), ("sharded", "run3")])
+def test_multi_worker_fit_completes_with_the_same_loss_on_both_workers(multi_worker, layout,
+                                                                      tag):
+    results = _results(multi_worker, tag, layout)
+    assert results[0]["epochs_run"] == EPOCHS, results
+    assert len(results[0]["loss"]) == EPOCHS
     np.testing.assert_allclose(results[0]["loss"], results[1]["loss"], rtol=1e-6)
-    assert results[0]["cache_step"] == results[1]["cache_step"] == 3 * 12  # 12 global batches per epoch
+    # 12 global batches per epoch
+    assert results[0]["cache_step"] == results[1]["cache_step"] == EPOCHS * 12
     # Replicated: the same cache on both workers; sharded: each worker its own shard.
     assert (results[0]["first_ids"] == results[1]["first_ids"]) == (layout == "replicated")
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", ["replicated", "sharded"])
-def test_multi_worker_resumes_from_backup_with_the_cache_after_a_worker_dies(tmp_path, layout):
-    backup = tmp_path / "backup"
-    # Worker 1 dies at the start of epoch 2 (after the backup of epoch 1); worker 0 then
-    # blocks in a collective, so the whole job is stopped and restarted, as a cluster
-    # manager would.
-    procs, _, logs = _workers(tmp_path, "first", backup, 4, kill_at=2, layouts=layout)
-    deadline = time.monotonic() + 240
-    while procs[1].poll() is None and time.monotonic() < deadline:
-        time.sleep(1)
-    code = procs[1].poll()
-    _wait(procs, 1)
-    _close(logs)
-    assert code == 17, (tmp_path / "first-w1" / "log").read_text()[-3000:]
+@pytest.mark.parametrize("layout,killed,resumed", [("sharded", "run1", "run2"),
+                                                   ("replicated", "run2", "run3")])
+def test_multi_worker_resumes_from_backup_with_the_cache_after_a_worker_dies(
+        multi_worker, layout, killed, resumed):
+    directory, codes = multi_worker
+    assert codes[killed][1] == 17, _logs(directory, killed)
     # Each worker's cache as backed up (replicated: the same on both; sharded: its own shard).
-    backed_up = [np.load(tmp_path / f"first-w{i}" / layout / "epoch_end_1.npz") for i in (0, 1)]
-
-    procs, outs, logs = _workers(tmp_path, "second", backup, 4, layouts=layout)
-    codes = _wait(procs, 300)
-    _close(logs)
-    assert codes == [0, 0], [(tmp_path / f"second-w{i}" / "log").read_text()[-3000:]
-                             for i in (0, 1)]
-    results = [json.loads(o.read_text())[layout] for o in outs]
+    backed_up = [np.load(directory / f"{killed}-w{i}" / layout / "epoch_end_1.npz")
+                 for i in (0, 1)]
+    assert not (directory / f"{killed}-w0" / layout / "epoch_end_2.npz").exists()
+    results = _results(multi_worker, resumed, layout)
     # Resumed at epoch 2: only epochs 2 and 3 ran, and the cache continued from the backup.
-    assert results[0]["epochs_run"] == 2, results
+    assert results[0]["epochs_run"] == results[1]["epochs_run"] == 2, results
     for index in (0, 1):
-        restored = np.load(tmp_path / f"second-w{index}" / layout / "train_begin.npz")
+        restored = np.load(directory / f"{resumed}-w{index}" / layout / "train_begin.npz")
         for name in backed_up[index].files:
             np.testing.assert_array_equal(restored[name], backed_up[index][name],
                                           err_msg=f"worker {index} {name}")
     if layout == "sharded":   # the two shards differ, so each worker got its own back
         assert not np.array_equal(backed_up[0]["ids:0"], backed_up[1]["ids:0"])
-    assert results[0]["cache_step"] == results[1]["cache_step"] == 4 * 12
+    assert results[0]["cache_step"] == results[1]["cache_step"] == EPOCHS * 12
     np.testing.assert_allclose(results[0]["loss"], results[1]["loss"], rtol=1e-6)
 
 
-def test_a_checkpoint_of_two_shards_is_refused_on_one_device(tmp_path):
+def test_a_checkpoint_of_two_shards_is_refused_on_one_device(mirrored):
     # Written by 2 replicas; this process has one device, so one shard.
     import tensorflow as tf  # pylint: disable=import-outside-toplevel
 
@@ -265,7 +282,7 @@ def test_a_checkpoint_of_two_shards_is_refused_on_one_device(tmp_path):
     import toy  # pylint: disable=import-outside-toplevel
     from test_transaction import full_state  # pylint: disable=import-outside-toplevel
 
-    saved = run_scenario(tmp_path, "sharded_save")
+    saved = scenario_result(mirrored, "sharded_save")
     assert min(saved["filled"]) > 0                 # both shards hold candidates
     model = toy.ToyModel(cache_size=None, use_in_batch_negatives=False)
     model.task.cache = tfnegcache.ShardedNegativeCache(64, toy.FEATURE_SPEC, 16)
@@ -286,8 +303,8 @@ def test_a_checkpoint_of_two_shards_is_refused_on_one_device(tmp_path):
             np.testing.assert_array_equal(value, after[name], err_msg=f"{fmt}: {name}")
 
 
-def test_a_step_the_loss_scale_skips_on_one_replica_changes_no_copy(tmp_path):
-    result = run_scenario(tmp_path, "loss_scale_skip")
+def test_a_step_the_loss_scale_skips_on_one_replica_changes_no_copy(mirrored):
+    result = scenario_result(mirrored, "loss_scale_skip")
     for layout, found in result.items():
         assert found["num_state"] > 20, layout
         # Only the optimizer's step count moved; its scale halved (read after the next,
