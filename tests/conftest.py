@@ -35,9 +35,26 @@ RESULT_DIRS = ("TFNEGCACHE_BENCHMARK_DIR", "TFNEGCACHE_WORKLOAD_DIR", "TFNEGCACH
                "TFNEGCACHE_RHO_MAP_DIR")
 
 
+# The test files that take longest (CPU seconds of a whole-suite run on 2 cores, most of it in
+# subprocesses), longest first. With `-n 2 --dist loadfile` they are handed out first, so the
+# suite does not end on one of them running alone.
+LONGEST_FIRST = ("test_distribute.py", "test_keras3.py", "test_benchmarks.py", "test_rho_map.py",
+                 "test_restore.py", "test_precision.py", "test_time_map.py")
+
+
 def pytest_configure(config):
     config.addinivalue_line(
         "markers", "slow: runs subprocesses for about a minute (the benchmark smoke tests)")
+    if hasattr(config.option, "loadscopereorder"):
+        # pytest-xdist would order the files by their number of tests; keep ours.
+        config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(items):
+    def rank(item):
+        name = item.path.name
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+    items.sort(key=rank)   # stable: in-file order, and the other files' order, are kept
 
 
 def _run_benchmark(name, *args, results, timeout=300):
