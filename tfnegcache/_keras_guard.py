@@ -68,3 +68,5 @@ def ensure_legacy_keras() -> None:
             "tfnegcache before tensorflow, or set the environment variable "
             "TF_USE_LEGACY_KERAS=1 before TensorFlow is first imported."
         )
+    from tfnegcache import _autograph  # pylint: disable=g-import-not-at-top
+    _autograph.leave_unconverted()

@@ -6,6 +6,7 @@ import tensorflow as tf
 import tensorflow_recommenders as tfrs
 
 from tfnegcache import distribute, restore, step
+from tfnegcache._autograph import as_user_code
 from tfnegcache.retrieval import CacheRetrieval
 
 
@@ -122,7 +123,7 @@ class CachedRetrievalModel(tfrs.Model):
         parts = {}
 
         def total_loss():
-            parts["loss"] = self.compute_loss(inputs, training=True)
+            parts["loss"] = as_user_code(self.compute_loss)(inputs, training=True)
             parts["regularization"] = self._regularization(parts["loss"])
             return parts["loss"] + parts["regularization"]
 
@@ -136,7 +137,7 @@ class CachedRetrievalModel(tfrs.Model):
         return metrics
 
     def test_step(self, inputs):
-        loss = tf.convert_to_tensor(self.compute_loss(inputs, training=False))
+        loss = tf.convert_to_tensor(as_user_code(self.compute_loss)(inputs, training=False))
         regularization = self._regularization(loss)
         logs = {metric.name: metric.result() for metric in self.metrics}
         logs["loss"] = distribute.all_reduce_sum(loss)

@@ -22,6 +22,7 @@ import tensorflow as tf
 
 from tfnegcache import checks
 from tfnegcache.store import CacheUpdate
+from tfnegcache._autograph import as_user_code
 
 Encoder = Callable[[Mapping[str, tf.Tensor]], tf.Tensor]
 
@@ -30,7 +31,7 @@ def encode(store, slots: tf.Tensor, encoder: Encoder) -> tf.Tensor:
     """`encoder`'s embeddings of the cached features of `slots` in `store`, `[M, d]`, no
     gradient."""
     features, _, _ = store.gather(slots)
-    embeddings = tf.convert_to_tensor(encoder(features))
+    embeddings = tf.convert_to_tensor(as_user_code(encoder)(features))
     return tf.stop_gradient(store.spec.check_embeddings(embeddings, "encoder output"))
 
 

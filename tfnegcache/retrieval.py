@@ -8,6 +8,7 @@ import tensorflow_recommenders as tfrs
 from tfnegcache import checks, negatives, step
 from tfnegcache.cache import Cache, CacheUpdate, draw_seed
 from tfnegcache.negatives import MIN_FLOAT
+from tfnegcache._autograph import as_user_code
 
 
 def own_scores(queries: tf.Tensor, candidates: tf.Tensor) -> tf.Tensor:
@@ -200,7 +201,7 @@ class CacheRetrieval(tfrs.tasks.Retrieval):
 
     def _encode(self, features: Mapping[str, tf.Tensor], dtype) -> tf.Tensor:
         """The candidate tower on cached features: `[M, d]` in `dtype` (with gradients)."""
-        embeddings = self.candidate_model(features)
+        embeddings = as_user_code(self.candidate_model)(features)
         if not isinstance(embeddings, (tf.Tensor, tf.Variable)) and not hasattr(
                 embeddings, "__array__"):
             raise ValueError(
@@ -344,8 +345,9 @@ class CacheRetrieval(tfrs.tasks.Retrieval):
           The loss.
         """
         if self.cache is None or step.caches_ignored():
-            return super().call(
-                query_embeddings, candidate_embeddings, sample_weight=sample_weight,
+            # TFRS's task, converted (unbound: AutoGraph would take a bound method for ours).
+            return as_user_code(super().call.__func__)(
+                self, query_embeddings, candidate_embeddings, sample_weight=sample_weight,
                 candidate_sampling_probability=candidate_sampling_probability,
                 candidate_ids=candidate_ids, compute_metrics=compute_metrics,
                 compute_batch_metrics=compute_batch_metrics, score_mask=score_mask)

@@ -21,6 +21,7 @@ import tensorflow as tf
 from tfnegcache import checks, loss_scale
 
 # The step's record is pure Python, shared with the Keras 3 front end.
+from tfnegcache._autograph import as_user_code
 from tfnegcache._record import TrainingStep, current, recording  # noqa: F401
 
 _IN_BATCH_ONLY = contextvars.ContextVar("tfnegcache_in_batch_only", default=False)
@@ -103,7 +104,7 @@ def run_step(compute_loss: Callable[[], tf.Tensor], variables, optimizer) -> tf.
     """
     with recording() as step:
         with tf.GradientTape() as tape:
-            loss = compute_loss()
+            loss = as_user_code(compute_loss)()
             scaled_loss = loss_scale.scale(optimizer, loss)
     if callable(variables):
         variables = variables()
