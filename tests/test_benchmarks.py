@@ -117,6 +117,9 @@ def test_quick_ab_step_time_compares_the_library_with_the_previous_commit(tmp_pa
     for side in ("base", "head"):
         assert len(result["step_ms"][side]) == 1 and min(result["step_ms"][side]) > 0
         assert min(result["step_cpu_ms"][side]) > 0
+        # The setup (model, cache warm start, the first step with its trace) outlasts a step.
+        assert min(result["setup_s"][side]) > 1e-3 * max(result["step_ms"][side])
+        assert min(result["setup_cpu_s"][side]) > 0
     assert result["head_over_base"]["median_ms"] > 0
     worktrees = subprocess.run(["git", "worktree", "list"], cwd=ROOT, capture_output=True,
                                text=True, check=True).stdout
