@@ -4,9 +4,10 @@ conditions on Python values only), so AutoGraph has nothing to convert in it. Le
 first time a process traces it: several seconds of CPU before the first training step, more
 than the rest of the trace (`setup_s` in `python -m benchmarks.ab_step_time`).
 
-`leave_unconverted()` (called with the first use of a TF front-end name) adds a rule for the `tfnegcache` modules to AutoGraph's conversion
-rules, as TensorFlow's own converter tests do: the library's functions are then called as
-they are while the user's code around them is still converted. AutoGraph keeps these rules in
+`leave_unconverted()`, called with the first use of a TF front-end name, adds a rule for the
+`tfnegcache` modules to AutoGraph's conversion rules, as TensorFlow's own converter tests do:
+the library's functions are then called as they are. The user's code that they call goes
+through `as_user_code`, so it is still converted. AutoGraph keeps these rules in
 a private module; if a TensorFlow release moves it, nothing breaks, and the library is
 converted as before (slower to trace, the same graph).
 """
@@ -17,8 +18,8 @@ PREFIX = "tfnegcache"
 def leave_unconverted() -> bool:
     """Adds `DoNotConvert("tfnegcache")` to AutoGraph's rules, once; True if it is there."""
     try:
-        from tensorflow.python.autograph.core import config  # pylint: disable=g-import-not-at-top
-        from tensorflow.python.autograph.core import config_lib  # pylint: disable=g-import-not-at-top
+        # pylint: disable-next=g-import-not-at-top
+        from tensorflow.python.autograph.core import config, config_lib
     except ImportError:
         return False
     rules = getattr(config, "CONVERSION_RULES", None)
