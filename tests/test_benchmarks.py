@@ -1,9 +1,9 @@
 """Smoke test: each benchmark's `--quick` mode runs and writes its JSON and plot.
 
 Runs `python -m benchmarks.<name> --quick` from the repository root in subprocesses, with
-results redirected to a temporary directory. step_time spawns one process per configuration,
-so this is the slowest test module (~2 min on 2 shared cores, most of it step_time's
-four child processes importing TensorFlow; marked `slow`).
+results redirected to a temporary directory. step_time spawns one process per configuration
+(the machine's peak and four modes), so this module takes about 2 minutes on 2 shared cores,
+most of it child processes importing TensorFlow and tracing; marked `slow`.
 """
 
 import json
