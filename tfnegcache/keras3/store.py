@@ -356,9 +356,12 @@ class CacheStore(keras.layers.Layer):
         else:
             if self._write_fn is None:
                 import tensorflow as tf  # pylint: disable=import-outside-toplevel
-                # Traced per shape (no relaxed shapes): the spec's checks stay static.
+                # Traced per shape (no relaxed shapes): the spec's checks stay static. The
+                # write is backend-neutral code, jitted as it is on JAX: nothing in it for
+                # AutoGraph to convert (converting it took seconds per process).
                 self._write_fn = {flag: tf.function(
-                    lambda arrays, flag=flag: self._write_now(arrays, flag, self._messages))
+                    lambda arrays, flag=flag: self._write_now(arrays, flag, self._messages),
+                    autograph=False)
                     for flag in (False, True)}
             flags = self._write_fn[advance](arrays)
             messages = self._messages
