@@ -34,7 +34,7 @@ setup(
         "examples": EXAMPLES,
         "keras3": KERAS3,
         # The suite runs the Keras 3 tests on both backends too.
-        "test": ["pytest>=8", "pytest-xdist>=3.5", "scipy>=1.11", "nbclient>=0.10", "nbformat>=5.10",
-                 "ipykernel>=6.29"] + EXAMPLES + KERAS3,
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "scipy>=1.11", "nbclient>=0.10",
+                 "nbformat>=5.10", "ipykernel>=6.29"] + EXAMPLES + KERAS3,
     },
 )

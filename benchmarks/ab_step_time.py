@@ -11,8 +11,9 @@ child per side, alternating which goes first, so drift in the machine's load fal
 each child is a fresh process that times `--repeats` steps after warm-up and reports the
 median wall time and the process's CPU time per step (all threads; less sensitive than wall
 time to other jobs on a shared machine), and its setup: building the model and warm-starting
-its cache through the end of the first step, which traces it. Prints the per-round times, the medians, minimums and
-ratios head / base, with the load average before and after, and writes them as JSON.
+its cache through the end of the first step, which traces it. Prints the per-round times, the
+medians, minimums and ratios head / base, with the load average before and after, and writes
+them as JSON.
 """
 
 import argparse
@@ -28,14 +29,19 @@ from benchmarks import _common
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+# What each child reports (`benchmarks.step_time --child`): the step's median wall and CPU
+# time, and the setup through the first (traced) step, wall and CPU.
+MEASURES = ("step_ms", "step_cpu_ms", "setup_s", "setup_cpu_s")
+
+
 def _child(side, mode, log2n, repeats, towers="hashed"):
+    """One child's MEASURES, run with `side`'s library."""
     # The side first on sys.path: the side's tfnegcache, and this checkout's benchmarks.
     result = _common.run_child(
         "benchmarks.step_time",
         ["--child", mode, log2n, "--repeats", repeats, "--towers", towers],
         cwd=side, pythonpath=side)
-    return result["step_ms"], result["step_cpu_ms"], result.get("setup_s"), \
-        result.get("setup_cpu_s")
+    return {measure: result[measure] for measure in MEASURES}
 
 
 def _side(directory, library_root):
@@ -68,10 +74,8 @@ def main(argv=None):
 
     base_sha, head_sha = _git("rev-parse", args.base), _git("rev-parse", "HEAD")
     dirty = bool(_git("status", "--porcelain", "--untracked-files=no"))
-    wall = {"base": [], "head": []}
-    cpu = {"base": [], "head": []}
-    setup = {"base": [], "head": []}       # model built and first step done (traced)
-    setup_cpu = {"base": [], "head": []}
+    series = {measure: {"base": [], "head": []} for measure in MEASURES}
+    wall, cpu = series["step_ms"], series["step_cpu_ms"]
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         base_tree = os.path.join(tmp, "base")
@@ -82,12 +86,10 @@ def main(argv=None):
             for round_ in range(args.rounds):
                 order = ("base", "head") if round_ % 2 == 0 else ("head", "base")
                 for name in order:
-                    wall_ms, cpu_ms, setup_s, setup_cpu_s = _child(
-                        sides[name], args.mode, args.log2n, args.repeats, args.towers)
-                    wall[name].append(wall_ms)
-                    cpu[name].append(cpu_ms)
-                    setup[name].append(setup_s)
-                    setup_cpu[name].append(setup_cpu_s)
+                    measured = _child(sides[name], args.mode, args.log2n, args.repeats,
+                                      args.towers)
+                    for measure, value in measured.items():
+                        series[measure][name].append(value)
                 print(f"round {round_}: base {wall['base'][-1]:.1f} ms ({cpu['base'][-1]:.1f} "
                       f"CPU), head {wall['head'][-1]:.1f} ms ({cpu['head'][-1]:.1f} CPU)",
                       flush=True)
@@ -98,16 +100,16 @@ def main(argv=None):
         "median_ms": {k: statistics.median(v) for k, v in wall.items()},
         "min_ms": {k: min(v) for k, v in wall.items()},
         "median_cpu_ms": {k: statistics.median(v) for k, v in cpu.items()},
-        "median_setup_s": {k: statistics.median(v) for k, v in setup.items()},
-        "median_setup_cpu_s": {k: statistics.median(v) for k, v in setup_cpu.items()},
+        "median_setup_s": {k: statistics.median(v) for k, v in series["setup_s"].items()},
+        "median_setup_cpu_s": {k: statistics.median(v)
+                               for k, v in series["setup_cpu_s"].items()},
     }
     ratios = {name: values["head"] / values["base"] for name, values in stats.items()}
     result = {
         "mode": args.mode, "towers": args.towers, "N": 2**args.log2n, "base": base_sha,
         "head": head_sha,
         "head_has_uncommitted_changes": dirty, "rounds": args.rounds, "repeats": args.repeats,
-        "step_ms": wall, "step_cpu_ms": cpu, "setup_s": setup, "setup_cpu_s": setup_cpu,
-        **stats, "head_over_base": ratios,
+        **series, **stats, "head_over_base": ratios,
         "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
         "when": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
