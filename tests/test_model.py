@@ -111,6 +111,33 @@ def test_checkpoint_restores_cache_and_training_resumes_identically(data, tmp_pa
         np.testing.assert_array_equal(a.numpy(), b.numpy())
 
 
+def test_a_model_built_by_its_first_step_trains_as_one_built_before(data):
+    # The other tests build the toy model's variables when they compile it (ToyModel's
+    # `build_variables`), so their first step is traced once; a user's model is usually
+    # built by that step, inside its first trace, which tf.function then traces again.
+    def fit(build_on_compile):
+        tf.keras.backend.clear_session()   # the same layer names in both
+        model = toy.ToyModel(cache_size=256, num_negatives=2, refresh_per_step=16,
+                             build_on_compile=build_on_compile)
+        model.compile(tf.keras.optimizers.Adam(0.05))
+        history = model.fit(toy.dataset(data[0], 128).take(12), epochs=2, verbose=0)
+        return model, history.history
+
+    unbuilt, unbuilt_history = fit(False)
+    built, built_history = fit(True)
+    assert unbuilt.train_function.experimental_get_tracing_count() == 2
+    assert built.train_function.experimental_get_tracing_count() == 1
+    assert unbuilt_history == built_history
+    assert len(unbuilt.weights) == len(built.weights)
+    for a, b in zip(unbuilt.weights + unbuilt.optimizer.variables(),
+                    built.weights + built.optimizer.variables()):
+        assert a.name == b.name
+        np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.name)
+    ids = tf.constant(np.arange(toy.NUM_ITEMS + 5), tf.int64)
+    np.testing.assert_array_equal(unbuilt.task.cache.lookup(ids).numpy(),
+                                  built.task.cache.lookup(ids).numpy())
+
+
 def test_model_checkpoint_callback_keeps_the_cache(data, tmp_path):
     model = toy.ToyModel(cache_size=512)
     model.compile(tf.keras.optimizers.Adam(0.05))
