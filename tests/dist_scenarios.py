@@ -62,8 +62,10 @@ def mirrored(num=2):
     return strategy([f"/cpu:{i}" for i in range(num)])
 
 
-def make_model(cache_size, layout="replicated", seed=0, **task_kwargs):
-    model = toy.ToyModel(cache_size=None, seed=seed, **task_kwargs)
+def make_model(cache_size, layout="replicated", seed=0, build_on_compile=True, **task_kwargs):
+    """The toy model with a cache of `layout`; `build_on_compile` as `toy.ToyModel`'s."""
+    model = toy.ToyModel(cache_size=None, seed=seed, build_on_compile=build_on_compile,
+                         **task_kwargs)
     cache_type = {"replicated": tfnegcache.NegativeCache,
                   "sharded": tfnegcache.ShardedNegativeCache}[layout]
     model.task.cache = cache_type(cache_size, toy.FEATURE_SPEC, 16, seed=seed)
@@ -300,6 +302,9 @@ def failed_step(out):
     for layout in ("replicated", "sharded"):
         with strategy.scope():
             model = make_model(128, layout=layout, refresh_per_step=8)
+            # Poisoned from the start (the first steps never see the last item), so the
+            # failing step runs the step those traced.
+            model.candidate_tower.__class__ = PoisonedTower
             model.compile(tf.keras.optimizers.Adam(0.05))
         data = toy.interactions(64 * 6, seed=5)
         clean = {k: v[data["item_id"] != toy.NUM_ITEMS - 1] for k, v in data.items()}
@@ -307,8 +312,6 @@ def failed_step(out):
         before = full_state(model)
         poisoned = {k: v[:64].copy() for k, v in clean.items()}
         poisoned["item_id"][40] = toy.NUM_ITEMS - 1    # in replica 1's half of the batch
-        model.candidate_tower.__class__ = PoisonedTower
-        model.train_function = None
         try:
             model.fit(toy.dataset(poisoned, 64), epochs=1, verbose=0)
             error = None
@@ -322,10 +325,12 @@ def failed_step(out):
 
 
 class RootQueries(tf.keras.layers.Embedding):
-    """sqrt(x^2): a finite output everywhere, a NaN gradient where an entry is 0."""
+    """sqrt(x^2): a finite output everywhere, a NaN gradient where an entry is 0. Squared in
+    float32, so that no small entry underflows to 0 under mixed_float16."""
 
     def call(self, ids):
-        return tf.sqrt(tf.square(super().call(ids)))
+        out = super().call(ids)
+        return tf.cast(tf.sqrt(tf.square(tf.cast(out, tf.float32))), out.dtype)
 
 
 def loss_scale_skip(out):
@@ -340,6 +345,9 @@ def loss_scale_skip(out):
         for layout in ("replicated", "sharded"):
             with strategy.scope():
                 model = make_model(128, layout=layout)
+                # sqrt(x^2) from the start: the same step traces every fit below, and its
+                # gradient is finite until an entry is set to 0.
+                model.query_tower.__class__ = RootQueries
                 model.compile(tf.keras.mixed_precision.LossScaleOptimizer(
                     tf.keras.optimizers.Adam(0.05), initial_scale=2**10))
             data = toy.interactions(64 * 4, seed=5)
@@ -350,18 +358,17 @@ def loss_scale_skip(out):
             batch["user_id"][:32] = np.where(batch["user_id"][:32] == user, (user + 1) % 120,
                                              batch["user_id"][:32])
             weights = model.query_tower.embeddings.numpy()
+            kept = weights[user, 3]
             weights[user, 3] = 0.0
             model.query_tower.embeddings.assign(weights)
-            model.query_tower.__class__ = RootQueries
-            model.train_function = None
             before = full_state(model)
             model.fit(toy.dataset(batch, 64), epochs=1, verbose=0)
             after = full_state(model)
             changed = [k for k in before if before[k] != after[k]]
             steps_before = [np.asarray(c).tolist() for s in model.task.cache.stores()
                             for c in replica_values(s.step)]
-            model.query_tower.__class__ = tf.keras.layers.Embedding
-            model.train_function = None
+            weights[user, 3] = kept
+            model.query_tower.embeddings.assign(weights)
             model.fit(toy.dataset(toy.interactions(64, seed=7), 64), epochs=1, verbose=0)
             result[layout] = {
                 "changed": changed, "num_state": len(before),
@@ -380,12 +387,15 @@ def fit_recall(out, epochs, names="single,replicated,sharded"):
     train, held_out = toy.interactions(20000, seed=1), toy.interactions(4000, seed=2)
     result = {}
     for name in names.split(","):
+        # Built by their first step, as a user's models are (the other scenarios build
+        # theirs when compiling: `toy.ToyModel.build_variables`).
         if name == "single":
-            model = make_model(512)
+            model = make_model(512, build_on_compile=False)
             model.compile(tf.keras.optimizers.Adam(0.05))
         else:
             with mirrored(2).scope():
-                model = make_model(512 if name == "replicated" else 256, layout=name)
+                model = make_model(512 if name == "replicated" else 256, layout=name,
+                                   build_on_compile=False)
                 model.compile(tf.keras.optimizers.Adam(0.05))
         history = model.fit(toy.dataset(train, 128), epochs=int(epochs), verbose=0)
         result[name] = {"recall": toy.recall_at(model, held_out),
@@ -434,7 +444,9 @@ def worker(out, backup_dir, epochs, kill="none", layouts="replicated"):
     results = {}
     for layout in layouts.split(","):
         with strategy.scope():
-            model = make_model(300 if layout == "replicated" else 150, layout=layout)
+            # Built by the first step (or the restore), as a user's model is.
+            model = make_model(300 if layout == "replicated" else 150, layout=layout,
+                               build_on_compile=False)
             model.compile(tf.keras.optimizers.Adam(0.05))
         directory = os.path.join(os.path.dirname(out), layout)
         os.makedirs(directory, exist_ok=True)
