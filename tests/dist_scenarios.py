@@ -444,9 +444,7 @@ def worker(out, backup_dir, epochs, kill="none", layouts="replicated"):
     results = {}
     for layout in layouts.split(","):
         with strategy.scope():
-            # Built by the first step (or the restore), as a user's model is.
-            model = make_model(300 if layout == "replicated" else 150, layout=layout,
-                               build_on_compile=False)
+            model = make_model(300 if layout == "replicated" else 150, layout=layout)
             model.compile(tf.keras.optimizers.Adam(0.05))
         directory = os.path.join(os.path.dirname(out), layout)
         os.makedirs(directory, exist_ok=True)
