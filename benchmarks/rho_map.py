@@ -264,6 +264,7 @@ class Method:
 
         self.model = Model()
         self.model.compile(optimizer=self.optimizer)
+        _common.build_optimizer(self.optimizer, self.model.trainable_variables)
         self.cache, self.task, self.encode = cache, task, encode
         self._train_step = tf.function(self.model.train_step)
         self.variables = self.model.trainable_variables

@@ -183,6 +183,7 @@ class _Cached:
 
         self.model = Model()
         self.model.compile(optimizer=tf.keras.optimizers.Adam(args.learning_rate))
+        _common.build_optimizer(self.model.optimizer, self.model.trainable_variables)
         self.cache, self.task, self.features = cache, task, features
         self._step = tf.function(self.model.train_step)
         self.extra_rows = args.batch * args.num_negatives

@@ -335,6 +335,7 @@ def make_train_step(method, workload, query_tower, candidate_tower, variables, o
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     q = sampling_probability(workload, method, batch, mns_negatives)
     log_q = None if q is None else tf.constant(np.log(q), tf.float32)
+    _common.build_optimizer(optimizer, variables)
 
     @tf.function
     def step(query, item_id, extra_ids):
