@@ -499,9 +499,9 @@ def main(argv=None):
 
 def quick(args, log=print):
     """Every step of the map on a 2^10-item corpus: a timing pass, each of `args.methods`
-    (`--methods`, every method by default) for 3 s of training, the report (about a minute)."""
+    (`--methods`, every method by default) for 1.5 s of training, the report (about a minute)."""
     args.setting, args.log2_items, args.num_test, args.timing_steps = "dense-32x1x8", 10, 200, 3
-    args.seconds, args.tag = 3.0, "_quick"
+    args.seconds, args.tag = 1.5, "_quick"
     _threads()
     timing(args, log)
     for method in args.methods:
