@@ -20,6 +20,13 @@ import sys
 import time
 
 _started = {}
+_recording = []
+
+
+def pytest_configure(config):
+    # Under xdist the controller is told of every test too; only the workers run them.
+    workers = getattr(config.option, "numprocesses", None)
+    _recording[:] = [bool(os.environ.get("PYTEST_XDIST_WORKER")) or not workers]
 
 
 def _cpu():
@@ -34,7 +41,7 @@ def pytest_runtest_logstart(nodeid, location):  # pylint: disable=unused-argumen
 
 def pytest_runtest_logfinish(nodeid, location):  # pylint: disable=unused-argument
     directory = os.environ.get("TFNEGCACHE_CPU_REPORT")
-    if not directory or nodeid not in _started:
+    if not directory or not _recording[0] or nodeid not in _started:
         return
     wall, own, children = _started.pop(nodeid)
     own_now, children_now = _cpu()

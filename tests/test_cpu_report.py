@@ -27,11 +27,28 @@ def test_the_plugin_charges_a_test_for_the_child_it_waited_for(tmp_path):
         "    subprocess.run([sys.executable, '-c', 'sum(range(30_000_000))'], check=True)\n"
         "def test_nothing():\n"
         "    pass\n")
-    env = dict(os.environ, PYTHONPATH=HERE, TFNEGCACHE_CPU_REPORT=str(tmp_path / "cpu"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
+    env.update(PYTHONPATH=HERE, TFNEGCACHE_CPU_REPORT=str(tmp_path / "cpu"))
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "cpu_report",
                              "-p", "no:cacheprovider", str(tmp_path / "test_spin.py")],
                             env=env, capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert result.returncode == 0, result.stdout[-2000:]
     rows = {json.loads(line)["test"].split("::")[1]: json.loads(line)
             for line in open(tmp_path / "cpu" / "cpu_main.jsonl", encoding="utf-8")}
+    assert set(rows) == {"test_child", "test_nothing"}
     assert rows["test_child"]["cpu_s"] > 0.2 > rows["test_nothing"]["cpu_s"]
+
+
+def test_under_xdist_each_test_is_recorded_once_by_the_worker_that_ran_it(tmp_path):
+    (tmp_path / "test_two.py").write_text("def test_a():\n    pass\ndef test_b():\n    pass\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
+    env.update(PYTHONPATH=HERE, TFNEGCACHE_CPU_REPORT=str(tmp_path / "cpu"))
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-n", "2", "-p", "cpu_report",
+                             "-p", "no:cacheprovider", str(tmp_path / "test_two.py")],
+                            env=env, capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert result.returncode == 0, result.stdout[-2000:]
+    files = sorted(p.name for p in (tmp_path / "cpu").iterdir())
+    assert "cpu_main.jsonl" not in files and all(f.startswith("cpu_gw") for f in files)
+    tests = sorted(json.loads(line)["test"].split("::")[1]
+                   for f in files for line in open(tmp_path / "cpu" / f, encoding="utf-8"))
+    assert tests == ["test_a", "test_b"]
