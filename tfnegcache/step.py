@@ -19,9 +19,9 @@ from typing import Callable
 import tensorflow as tf
 
 from tfnegcache import checks, loss_scale
+from tfnegcache._autograph import as_user_code
 
 # The step's record is pure Python, shared with the Keras 3 front end.
-from tfnegcache._autograph import as_user_code
 from tfnegcache._record import TrainingStep, current, recording  # noqa: F401
 
 _IN_BATCH_ONLY = contextvars.ContextVar("tfnegcache_in_batch_only", default=False)
