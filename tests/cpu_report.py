@@ -20,13 +20,14 @@ import sys
 import time
 
 _started = {}
-_recording = []
+_recording = False   # set by pytest_configure: this process runs the tests
 
 
 def pytest_configure(config):
     # Under xdist the controller is told of every test too; only the workers run them.
+    global _recording  # pylint: disable=global-statement
     workers = getattr(config.option, "numprocesses", None)
-    _recording[:] = [bool(os.environ.get("PYTEST_XDIST_WORKER")) or not workers]
+    _recording = bool(os.environ.get("PYTEST_XDIST_WORKER")) or not workers
 
 
 def _cpu():
@@ -36,12 +37,13 @@ def _cpu():
 
 
 def pytest_runtest_logstart(nodeid, location):  # pylint: disable=unused-argument
-    _started[nodeid] = (time.monotonic(), *_cpu())
+    if _recording:
+        _started[nodeid] = (time.monotonic(), *_cpu())
 
 
 def pytest_runtest_logfinish(nodeid, location):  # pylint: disable=unused-argument
     directory = os.environ.get("TFNEGCACHE_CPU_REPORT")
-    if not directory or not _recording[0] or nodeid not in _started:
+    if not directory or nodeid not in _started:
         return
     wall, own, children = _started.pop(nodeid)
     own_now, children_now = _cpu()
