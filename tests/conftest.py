@@ -7,7 +7,6 @@ directory itself unless it is named on the command line.
 """
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -16,6 +15,8 @@ import pytest
 import tfnegcache  # noqa: F401
 
 sys.path.insert(0, os.path.dirname(__file__))
+
+import forkserver  # noqa: E402  (from this directory)
 
 KERAS3_TESTS = Path(__file__).resolve().parent / "keras3"
 
@@ -64,9 +65,8 @@ def _run_benchmark(name, *args, results, timeout=300):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2",
                PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
                **{variable: str(results) for variable in RESULT_DIRS})
-    proc = subprocess.run([sys.executable, "-m", f"benchmarks.{name}", *map(str, args)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
-                          check=False)
+    proc = forkserver.run([sys.executable, "-m", f"benchmarks.{name}", *args], cwd=ROOT,
+                          env=env, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 

@@ -8,7 +8,9 @@ process's, plus those of the child processes it waited for) and a summary by tes
 Each pytest process (each xdist worker) appends one JSON line per test to
 `$TFNEGCACHE_CPU_REPORT/cpu_<worker>.jsonl`. A child's CPU counts once it has been waited
 for, so a test that leaves a process running for a later test (a module fixture) is charged
-where that process is reaped. docs/tests.md quotes a run of this.
+where that process is reaped. Processes forked by `tests/forkserver.py` count the same way;
+the fork server's own start (importing TensorFlow, once per pytest process) is charged to no
+test. docs/tests.md quotes a run of this.
 """
 
 import collections
@@ -33,7 +35,10 @@ def pytest_configure(config):
 def _cpu():
     own = resource.getrusage(resource.RUSAGE_SELF)
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime, children.ru_utime + children.ru_stime
+    # Children forked by tests/forkserver.py's server are the server's: it reports them.
+    forkserver = sys.modules.get("forkserver")
+    forked = forkserver.child_cpu() if forkserver else 0.0
+    return own.ru_utime + own.ru_stime, children.ru_utime + children.ru_stime + forked
 
 
 def pytest_runtest_logstart(nodeid, location):  # pylint: disable=unused-argument

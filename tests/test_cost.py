@@ -2,7 +2,6 @@
 the cache can pay for their model on their hardware."""
 
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -12,6 +11,7 @@ import tensorflow_recommenders as tfrs
 
 import tfnegcache
 import cost_target
+import forkserver
 import toy
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -104,8 +104,8 @@ def _compiled(model):
 def _cli(*args):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2",
                PYTHONPATH=os.pathsep.join([ROOT, HERE, os.environ.get("PYTHONPATH", "")]))
-    return subprocess.run([sys.executable, "-m", "tfnegcache", "cost", *args], cwd=HERE,
-                          env=env, capture_output=True, text=True, timeout=300, check=False)
+    return forkserver.run([sys.executable, "-m", "tfnegcache", "cost", *args], cwd=HERE,
+                          env=env, timeout=300)
 
 
 def test_the_command_prints_the_report_and_refuses_bad_targets():

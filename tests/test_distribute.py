@@ -17,6 +17,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
+import forkserver
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 SCENARIOS = os.path.join(HERE, "dist_scenarios.py")
@@ -31,9 +33,9 @@ def _env(**extra):
 
 
 def _start(args, log, **env):
-    return subprocess.Popen(
-        [sys.executable, SCENARIOS, *map(str, args)], env=_env(**env), cwd=ROOT,
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    """A scenario process (forked, `tests/forkserver.py`) writing its output to `log`."""
+    return forkserver.start([sys.executable, SCENARIOS, *args], env=_env(**env), cwd=ROOT,
+                            stdout=log, new_session=True)
 
 
 def _kill(proc):
@@ -66,8 +68,7 @@ def fixture_mirrored(tmp_path_factory):
     """`(directory, exit code, log)` of the one run of every MIRRORED scenario."""
     directory = tmp_path_factory.mktemp("mirrored")
     log_path = directory / "log"
-    with open(log_path, "w") as log:
-        (code,) = _wait([_start(["several", directory, *MIRRORED], log)], timeout=1500)
+    (code,) = _wait([_start(["several", directory, *MIRRORED], log_path)], timeout=1500)
     return directory, code, log_path
 
 
@@ -165,17 +166,15 @@ def _workers(directory, tag, backup, epochs, kill="none", layouts="replicated"):
     """Starts the pair of workers of run `tag`; worker 1 gets `kill` ("LAYOUT:EPOCH")."""
     ports = _free_ports(2)
     cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
-    procs, logs = [], []
+    procs = []
     for index in range(2):
         work = directory / f"{tag}-w{index}"
         work.mkdir()
         tf_config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
-        log = open(work / "log", "w")
-        logs.append(log)
         procs.append(_start(["worker", work / "out.json", backup, epochs,
-                             kill if index == 1 else "none", layouts], log,
+                             kill if index == 1 else "none", layouts], work / "log",
                             TF_CONFIG=tf_config))
-    return procs, logs
+    return procs
 
 
 # The multi-worker runs, one after the other with one backup directory: each layout trains
@@ -197,7 +196,7 @@ def fixture_multi_worker(tmp_path_factory):
     directory = tmp_path_factory.mktemp("multi_worker")
     codes = {}
     for tag, layouts, kill in MULTI_WORKER_RUNS:
-        procs, logs = _workers(directory, tag, directory / "backup", EPOCHS, kill, layouts)
+        procs = _workers(directory, tag, directory / "backup", EPOCHS, kill, layouts)
         if kill != "none":
             deadline = time.monotonic() + 300
             while procs[1].poll() is None and time.monotonic() < deadline:
@@ -206,7 +205,6 @@ def fixture_multi_worker(tmp_path_factory):
             _wait(procs, 1)
         else:
             codes[tag] = _wait(procs, 300)
-        _close(logs)
     return directory, codes
 
 
@@ -228,11 +226,6 @@ def _results(multi_worker, tag, layout):
         assert layout in results, _logs(directory, tag)
         out.append(results[layout])
     return out
-
-
-def _close(logs):
-    for log in logs:
-        log.close()
 
 
 @pytest.mark.slow

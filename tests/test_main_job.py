@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import forkserver
 import ml_fixture
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,8 +49,8 @@ def run_without_tensorflow(argv, cwd, blocked=TENSORFLOW):
 
 def run_cli(argv, cwd, timeout=300):
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    return subprocess.run([sys.executable, "-m", "tfnegcache"] + list(argv), capture_output=True,
-                          text=True, timeout=timeout, cwd=cwd, env=env)
+    return forkserver.run([sys.executable, "-m", "tfnegcache", *argv], cwd=cwd, env=env,
+                          timeout=timeout)
 
 
 STRATEGY_NAMES = "in-batch, in-batch-logq, full-softmax, negative-cache"

@@ -18,6 +18,7 @@ import tensorflow_recommenders as tfrs
 
 from tfnegcache import sampling
 
+import forkserver
 from test_retrieval import DIM, SPEC, _tfrs_and_ours, fill, make_task
 from test_sampling import softmax
 
@@ -395,14 +396,13 @@ def test_sharded_draw_over_two_replicas_gathers_every_head(tmp_path):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2",
                PYTHONPATH=os.pathsep.join([os.path.dirname(here), here,
                                            os.environ.get("PYTHONPATH", "")]))
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), str(out)], env=env,
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            proc.wait(timeout=300)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    proc = forkserver.start([sys.executable, os.path.abspath(__file__), out], cwd=os.getcwd(),
+                            env=env, stdout=log_path, new_session=True)
+    try:
+        proc.wait(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
     with open(log_path) as log:
         assert proc.returncode == 0, log.read()[-3000:]
     with open(out) as f:
