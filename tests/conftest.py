@@ -36,11 +36,16 @@ RESULT_DIRS = ("TFNEGCACHE_BENCHMARK_DIR", "TFNEGCACHE_WORKLOAD_DIR", "TFNEGCACH
                "TFNEGCACHE_RHO_MAP_DIR")
 
 
-# The test files that take longest (CPU seconds of a whole-suite run on 2 cores, most of it in
-# subprocesses), longest first. With `-n 2 --dist loadfile` they are handed out first, so the
-# suite does not end on one of them running alone.
+# The test files by their CPU seconds in a whole-suite run on 2 cores (docs/tests.md), longest
+# first, down to about 10 s; the others follow in their own order. With `-n 2 --dist loadfile`
+# a worker takes the next file when it is almost done with its last one, so in this order the
+# run ends on small files, with both workers busy almost to the end.
 LONGEST_FIRST = ("test_distribute.py", "test_keras3.py", "test_benchmarks.py", "test_rho_map.py",
-                 "test_restore.py", "test_precision.py", "test_time_map.py")
+                 "test_restore.py", "test_export.py", "test_precision.py",
+                 "test_tfrs_tutorial.py", "test_model.py", "test_time_map.py", "test_refresh.py",
+                 "test_transaction.py", "test_retrieval.py", "test_defaults.py",
+                 "test_main_job.py", "test_notebook.py", "test_mns.py", "test_multihead.py",
+                 "test_keras_guard.py", "test_cost.py")
 
 
 def pytest_configure(config):
