@@ -12,12 +12,14 @@ import sys
 
 # The tests compile many small programs once each, where XLA's compile time is most of the
 # cost: compile them without the backend's optimisations (about half the compile time on
-# this CPU; the results are the same programs). JAX's persistent compilation cache is left
-# off: in one run it served 12 of 810 compilations, and writing the other 798 to it cost more
-# than those saved (the JAX suite took 143 CPU-s with it, 124 without; docs/tests.md).
-if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                               + " --xla_backend_optimization_level=0").strip()
+# this CPU; the results are the same programs), and with XLA:CPU's older fusion emitters,
+# which compile these small programs in about two thirds of the time of the newer ones
+# (docs/tests.md). JAX's persistent compilation cache is left off: in one run it served 12
+# of 810 compilations, and writing the other 798 to it cost more than those saved (the JAX
+# suite took 143 CPU-s with it, 124 without).
+for flag in ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false"):
+    if flag.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flag).strip()
 
 import tfnegcache.keras3  # noqa: E402,F401  first: Keras 3, TF_USE_LEGACY_KERAS left alone
 
