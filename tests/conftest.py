@@ -64,9 +64,10 @@ def pytest_collection_modifyitems(items):
 
 
 def _run_benchmark(name, *args, results, timeout=300):
-    """Runs `python -m benchmarks.<name> <args>` from the repository root, this checkout's
-    packages first on its path and every benchmark's results in the directory `results`;
-    asserts that it exits 0 and returns the finished process (its output as text)."""
+    """Runs `python -m benchmarks.<name> <args>` from the repository root (forked from the
+    server that has imported TensorFlow, `tests/forkserver.py`), this checkout's packages
+    first on its path and every benchmark's results in the directory `results`; asserts that
+    it exits 0 and returns the finished process (its output as text)."""
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2",
                PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
                **{variable: str(results) for variable in RESULT_DIRS})

@@ -1,9 +1,10 @@
 """Smoke test: each benchmark's `--quick` mode runs and writes its JSON and plot.
 
-Runs `python -m benchmarks.<name> --quick` from the repository root in subprocesses, with
-results redirected to a temporary directory. step_time spawns one process per configuration
-(the machine's peak and four modes), so this module takes about 2 minutes on 2 shared cores,
-most of it child processes importing TensorFlow and tracing; marked `slow`.
+Runs `python -m benchmarks.<name> --quick` from the repository root in subprocesses (forked
+from the suite's server that has imported TensorFlow: `tests/forkserver.py`), with results
+redirected to a temporary directory. step_time starts a fresh process of its own per
+configuration (the machine's peak and four modes), half of this module's CPU time, most of
+it importing TensorFlow and tracing; marked `slow`.
 """
 
 import json

@@ -1,7 +1,8 @@
 """The negatives-matter workload: generator invariants and a smoke run of its experiment.
 
-`python -m benchmarks.choose_workload --quick` runs in a subprocess (about 30 s on 2 shared
-cores, most of it importing TensorFlow twice over); the rest are fast numpy checks.
+`python -m benchmarks.choose_workload --quick` runs in a subprocess (forked from the suite's
+server that has imported TensorFlow, `tests/forkserver.py`: a few seconds); the rest are fast
+numpy checks.
 """
 
 import json
