@@ -7,9 +7,8 @@
   `exp(cache logit)` is an unbiased estimate of the fresh cached mass.
 - The default configuration (a warm-started whole-corpus cache, write-back only, no refresh,
   the default estimator) trains at least as well as in-batch negatives on a small version of
-  the fast-moving-tower workload of docs/workload.md (configuration A), where the old
-  default (`estimator="stale"`) collapses early (see docs/knobs.md, "Staleness and the
-  defaults").
+  the fast-moving-tower workload of docs/workload.md (configuration A), where the `stale`
+  estimator collapses early (see docs/knobs.md, "Staleness and the defaults").
 """
 
 import numpy as np
