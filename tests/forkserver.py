@@ -292,8 +292,7 @@ def run(args, *, cwd, env=None, timeout=None):
             raise
         with open(out, encoding="utf-8", errors="replace") as f_out, \
                 open(err, encoding="utf-8", errors="replace") as f_err:
-            return subprocess.CompletedProcess([str(a) for a in args], code, f_out.read(),
-                                               f_err.read())
+            return subprocess.CompletedProcess(proc.args, code, f_out.read(), f_err.read())
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["serve"]:

@@ -35,22 +35,14 @@ REPORT = """
 
 
 @pytest.mark.parametrize("fresh", [False, True])
-def test_a_script_gets_its_arguments_directory_environment_and_exit_code(tmp_path, fresh):
+def test_a_script_gets_its_arguments_directory_environment_and_exit_code(tmp_path, fresh,
+                                                                         monkeypatch):
     script = _script(tmp_path, REPORT)
     env = {"ONLY": "this", "PYTHONPATH": os.pathsep.join(["/nowhere/a", "/nowhere/b"])}
     if fresh:   # the same command, started fresh: what the forked child must match
         env["TFNEGCACHE_FRESH_PROCESSES"] = "1"
-        previous = os.environ.get("TFNEGCACHE_FRESH_PROCESSES")
-        os.environ["TFNEGCACHE_FRESH_PROCESSES"] = "1"
-    try:
-        result = forkserver.run([sys.executable, script, "7"], cwd=tmp_path, env=env,
-                                timeout=120)
-    finally:
-        if fresh:
-            if previous is None:
-                del os.environ["TFNEGCACHE_FRESH_PROCESSES"]
-            else:
-                os.environ["TFNEGCACHE_FRESH_PROCESSES"] = previous
+        monkeypatch.setenv("TFNEGCACHE_FRESH_PROCESSES", "1")
+    result = forkserver.run([sys.executable, script, "7"], cwd=tmp_path, env=env, timeout=120)
     assert result.returncode == 7
     assert result.stderr == "to stderr\n"
     seen = json.loads(result.stdout)
@@ -130,19 +122,16 @@ def test_a_new_session_leads_its_own_process_group(tmp_path):
     assert text.endswith("to stderr\n")      # stderr into the same file
 
 
-def test_when_the_server_is_gone_commands_start_fresh(tmp_path, capfd):
+def test_when_the_server_is_gone_commands_start_fresh(tmp_path, capfd, monkeypatch):
     assert forkserver._ensure_server()  # pylint: disable=protected-access
-    server = forkserver._server  # pylint: disable=protected-access
     gone = subprocess.Popen([sys.executable, "-c", "pass"], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, text=True)
     gone.wait()
-    forkserver._server = (os.getpid(), gone, gone.stdout)  # pylint: disable=protected-access
-    try:
-        result = forkserver.run([sys.executable, _script(tmp_path, REPORT), "3"],
-                                cwd=tmp_path, env={"A": "b"}, timeout=120)
-        assert forkserver._server[1] is None  # pylint: disable=protected-access
-    finally:
-        forkserver._server = server  # pylint: disable=protected-access
+    # The server as it is after it died (this process's live server comes back afterwards).
+    monkeypatch.setattr(forkserver, "_server", (os.getpid(), gone, gone.stdout))
+    result = forkserver.run([sys.executable, _script(tmp_path, REPORT), "3"], cwd=tmp_path,
+                            env={"A": "b"}, timeout=120)
+    assert forkserver._server[1] is None  # pylint: disable=protected-access
     assert "starting fresh processes" in capfd.readouterr().err
     assert result.returncode == 3 and result.stderr == "to stderr\n"
     assert json.loads(result.stdout)["argv"][1:] == ["3"]
