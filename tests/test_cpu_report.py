@@ -8,6 +8,9 @@ import sys
 import cpu_report
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# The runs below are in a temporary directory, outside this repository's pytest.ini: leave out
+# the same unused plugins it does.
+PLUGINS_OFF = ("-p", "no:hypothesispytest", "-p", "no:benchmark", "-p", "no:cacheprovider")
 
 
 def test_summary_adds_up_by_file_and_lists_the_largest_tests(tmp_path):
@@ -30,7 +33,7 @@ def test_the_plugin_charges_a_test_for_the_child_it_waited_for(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
     env.update(PYTHONPATH=HERE, TFNEGCACHE_CPU_REPORT=str(tmp_path / "cpu"))
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "cpu_report",
-                             "-p", "no:cacheprovider", str(tmp_path / "test_spin.py")],
+                             *PLUGINS_OFF, str(tmp_path / "test_spin.py")],
                             env=env, capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert result.returncode == 0, result.stdout[-2000:]
     rows = {json.loads(line)["test"].split("::")[1]: json.loads(line)
@@ -44,7 +47,7 @@ def test_under_xdist_each_test_is_recorded_once_by_the_worker_that_ran_it(tmp_pa
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
     env.update(PYTHONPATH=HERE, TFNEGCACHE_CPU_REPORT=str(tmp_path / "cpu"))
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-n", "2", "-p", "cpu_report",
-                             "-p", "no:cacheprovider", str(tmp_path / "test_two.py")],
+                             *PLUGINS_OFF, str(tmp_path / "test_two.py")],
                             env=env, capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert result.returncode == 0, result.stdout[-2000:]
     files = sorted(p.name for p in (tmp_path / "cpu").iterdir())
