@@ -1,6 +1,11 @@
-"""The Keras 3 front end from the main suite: its tests (`tests/keras3/`) in one subprocess per
-backend, with the TF front end's reference numbers computed here (this process runs Keras 2),
-and what importing it does to Keras 2 (clean subprocesses)."""
+"""The Keras 3 front end from the main suite: its tests (`tests/keras3/`) in one fresh subprocess
+per backend, with the TF front end's reference numbers computed here (this process runs
+Keras 2), and an unsupported backend refused on import (a clean subprocess).
+
+What importing the front end does to a clean process of each backend, and what TensorFlow and
+the TF front end do after it, is checked inside that backend's subprocess
+(`tests/keras3/test_import.py`); that `import tfnegcache` alone leaves it out and selects
+Keras 2, in `tests/test_keras_guard.py`."""
 
 import importlib.util
 import json
@@ -78,44 +83,6 @@ def test_the_keras3_suite_passes_on(backend, suites):
     summary = stdout.strip().splitlines()[-1:] if stdout else []
     assert returncode == 0, stdout[-6000:] + stderr[-3000:]
     assert summary and " passed" in summary[0] and "failed" not in summary[0], summary
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_importing_keras3_pulls_neither_tf_keras_nor_tfrs_nor_sets_legacy_keras(backend):
-    result = run("import os, sys\n"
-                 "import tfnegcache.keras3, keras\n"
-                 "print(keras.backend.backend(), keras.version(),\n"
-                 "      'tf_keras' in sys.modules, 'tensorflow_recommenders' in sys.modules,\n"
-                 "      os.environ.get('TF_USE_LEGACY_KERAS'))",
-                 KERAS_BACKEND=backend)
-    assert result.returncode == 0, result.stderr[-3000:]
-    name, version, tf_keras, tfrs, legacy = result.stdout.split()
-    assert (name, tf_keras, tfrs, legacy) == (backend, "False", "False", "None")
-    assert version.startswith("3.")
-
-
-def test_after_keras3_tensorflow_keeps_keras_3_and_the_tf_front_end_says_why_not():
-    # `import tfnegcache` arms the hook that sets TF_USE_LEGACY_KERAS when TensorFlow loads;
-    # with the Keras 3 front end imported, the hook leaves it unset.
-    result = run("import os, tfnegcache, tfnegcache.keras3, tensorflow as tf\n"
-                 "print(os.environ.get('TF_USE_LEGACY_KERAS'), tf.keras.version())\n"
-                 "try:\n"
-                 "    tfnegcache.CacheRetrieval\n"
-                 "except ImportError as error:\n"
-                 "    print(str(error).split('.')[0])",
-                 KERAS_BACKEND="tensorflow")
-    assert result.returncode == 0, result.stderr[-3000:]
-    lines = result.stdout.splitlines()
-    assert lines[0].split()[0] == "None" and lines[0].split()[1].startswith("3.")
-    assert lines[1] == "tfnegcache requires tf"
-
-
-def test_without_keras3_the_tf_front_end_still_selects_keras_2():
-    result = run("import os, tfnegcache, tensorflow as tf, sys\n"
-                 "print(os.environ['TF_USE_LEGACY_KERAS'], tf.keras.layers.Layer.__module__,\n"
-                 "      'tfnegcache.keras3' in sys.modules)")
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.split() == ["1", "tf_keras.src.engine.base_layer", "False"]
 
 
 def test_an_unsupported_backend_is_refused_on_import():

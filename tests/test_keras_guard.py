@@ -13,10 +13,12 @@ def run(code):
 
 
 def test_import_first_selects_keras_2_for_tfrs():
-    result = run("import tfnegcache, os, tensorflow as tf, tensorflow_recommenders\n"
-                 "print(os.environ['TF_USE_LEGACY_KERAS'], tf.keras.layers.Layer.__module__)")
+    # And the Keras 3 front end, beside it in the package, is not imported with it.
+    result = run("import tfnegcache, os, sys, tensorflow as tf, tensorflow_recommenders\n"
+                 "print(os.environ['TF_USE_LEGACY_KERAS'], tf.keras.layers.Layer.__module__,\n"
+                 "      'tfnegcache.keras3' in sys.modules)")
     assert result.returncode == 0, result.stderr
-    assert result.stdout.split() == ["1", "tf_keras.src.engine.base_layer"]
+    assert result.stdout.split() == ["1", "tf_keras.src.engine.base_layer", "False"]
 
 
 def test_use_after_keras_3_fails_with_the_fix():

@@ -21,13 +21,31 @@ for flag in ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitter
     if flag.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flag).strip()
 
+LEGACY_KERAS_BEFORE = os.environ.get("TF_USE_LEGACY_KERAS")
+
 import tfnegcache.keras3  # noqa: E402,F401  first: Keras 3, TF_USE_LEGACY_KERAS left alone
 
 import keras  # noqa: E402
+
+# What `import tfnegcache.keras3, keras` did to this process, read before any test module is
+# imported (test_import.py checks it): this is the first thing the process does after pytest
+# and tests/conftest.py (`import tfnegcache`, which loads no framework) have loaded.
+IMPORTED = {"backend": keras.backend.backend(), "version": keras.version(),
+            "tf_keras": "tf_keras" in sys.modules,
+            "tensorflow_recommenders": "tensorflow_recommenders" in sys.modules,
+            "legacy_keras_before": LEGACY_KERAS_BEFORE,
+            "legacy_keras": os.environ.get("TF_USE_LEGACY_KERAS")}
+
 import pytest  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+
+
+@pytest.fixture(scope="session", name="imported")
+def fixture_imported():
+    """`IMPORTED`: the process's state right after the front end and Keras were imported."""
+    return dict(IMPORTED)
 
 
 def pytest_report_header(config):
