@@ -41,6 +41,13 @@ class InsertPlan:
     num_filled: tf.Tensor
 
 
+def rows_where(values: tf.Tensor, keep: tf.Tensor) -> tf.Tensor:
+    """The rows of `values` (`[R, ...]`) where `keep` (`[R]` bool) is true, in order: what
+    `tf.boolean_mask(values, keep)` returns, in 5 graph ops instead of about 27 (each op costs
+    tracing time, once per traced step)."""
+    return tf.gather(values, tf.reshape(tf.where(keep), [-1]))
+
+
 def empty_plan(cursor: tf.Tensor, num_filled: tf.Tensor) -> InsertPlan:
     """The plan of a call that inserts nothing."""
     empty = tf.zeros([0], tf.int64)
@@ -70,8 +77,8 @@ def plan_insert(ids: tf.Tensor, lookup: Callable[[tf.Tensor], tf.Tensor], cursor
     # More distinct ids than slots: keep the `size` whose last rows come latest.
     ranked = tf.concat([tf.sort(last_row), [_INT64_MAX]], 0)
     kept = last_row >= ranked[tf.maximum(num_unique - size_t, 0)]
-    unique_ids = tf.boolean_mask(unique_ids, kept)
-    rows = tf.boolean_mask(last_row, kept)
+    unique_ids = rows_where(unique_ids, kept)
+    rows = rows_where(last_row, kept)
     slots = tf.reshape(lookup(unique_ids), [-1])
 
     cached = tf.where(slots >= 0)[:, 0]
@@ -82,7 +89,7 @@ def plan_insert(ids: tf.Tensor, lookup: Callable[[tf.Tensor], tf.Tensor], cursor
     width = num_new + tf.size(protected, out_type=tf.int64)
     window = (cursor + tf.range(width)) % size_t
     offset = (protected - cursor) % size_t
-    offset = tf.boolean_mask(offset, offset < width)
+    offset = rows_where(offset, offset < width)
     blocked = tf.scatter_nd(offset[:, None], tf.ones_like(offset, tf.int32), [width]) > 0
     take = tf.where(tf.logical_not(blocked))[:num_new, 0]
     new_slots = tf.gather(window, take)
@@ -93,5 +100,5 @@ def plan_insert(ids: tf.Tensor, lookup: Callable[[tf.Tensor], tf.Tensor], cursor
         rows=tf.concat([tf.gather(rows, cached), new_rows], 0),
         slots=tf.concat([protected, new_slots], 0),
         new_rows=new_rows, new_slots=new_slots,
-        evicted_slots=tf.boolean_mask(new_slots, new_slots < num_filled),
+        evicted_slots=rows_where(new_slots, new_slots < num_filled),
         cursor=next_cursor, num_filled=tf.minimum(num_filled + num_new, size_t))

@@ -150,7 +150,7 @@ class CacheStore(tf.keras.layers.Layer):
         bias = tf.where(filled, 0.0, NEG_INF)
         if masked_slots is not None:
             masked_slots = tf.reshape(masked_slots, [-1])
-            masked_slots = tf.boolean_mask(masked_slots, masked_slots >= 0)
+            masked_slots = fifo.rows_where(masked_slots, masked_slots >= 0)
             bias = tf.tensor_scatter_nd_update(
                 bias, masked_slots[:, None], tf.fill(tf.shape(masked_slots), NEG_INF))
         return bias
@@ -171,7 +171,7 @@ class CacheStore(tf.keras.layers.Layer):
         filled = tf.range(self.spec.size, dtype=tf.int64) < self.num_filled
         keys = tf.where(filled, keys, -1.0)
         top = tf.math.top_k(keys, k=num_slots, sorted=True)
-        return tf.boolean_mask(tf.cast(top.indices, tf.int64), top.values >= 0.0)
+        return fifo.rows_where(tf.cast(top.indices, tf.int64), top.values >= 0.0)
 
     # ------------------------------------------------------------------ writing
 
@@ -249,7 +249,7 @@ class CacheStore(tf.keras.layers.Layer):
                 keep = tf.logical_and(v, s < self.num_filled)
                 keep = tf.logical_and(keep, tf.logical_not(_in_sorted(touched, s)))
                 keep = tf.logical_and(keep, tf.logical_not(_in_sorted(tf.sort(seen), s)))
-                s, r = tf.boolean_mask(s, keep), tf.boolean_mask(r, keep)
+                s, r = fifo.rows_where(s, keep), fifo.rows_where(r, keep)
                 slots.append(s)
                 rows.append(tf.cast(r, self.spec.embedding_dtype))
                 seen = tf.concat([seen, s], 0)
