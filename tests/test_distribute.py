@@ -171,9 +171,12 @@ def _workers(directory, tag, backup, epochs, kill="none", layouts="replicated"):
         work = directory / f"{tag}-w{index}"
         work.mkdir()
         tf_config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
+        # One inter-op thread: a worker waits in every step's collectives for the other, and
+        # while it waits the idle threads of a larger inter-op pool spin, taking the CPU the
+        # other worker (and the rest of the suite) needs (docs/tests.md).
         procs.append(_start(["worker", work / "out.json", backup, epochs,
                              kill if index == 1 else "none", layouts], work / "log",
-                            TF_CONFIG=tf_config))
+                            TF_CONFIG=tf_config, TF_NUM_INTEROP_THREADS="1"))
     return procs
 
 
