@@ -101,7 +101,8 @@ class ToyModel(tfnegcache.CachedRetrievalModel):
         A `tf.function` whose first trace creates variables traces once more, without
         creating any; so `fit` of a model its first step builds traces that step twice.
         Built beforehand, it traces once (the suite's in-process test files: 479 -> 418 CPU
-        seconds, docs/tests.md, "What keeps it at that"). `build_on_compile=False` keeps the first way, and
+        seconds, docs/tests.md, "What keeps it at that"). `build_on_compile=False` keeps the
+        first way, and
         `test_model.py::test_a_model_built_by_its_first_step_trains_as_one_built_before`
         checks that the two train alike, bit for bit."""
         self.query_tower(tf.zeros([1], tf.int64))
