@@ -35,28 +35,52 @@ def fixture_trained(tmp_path_factory):
     return model, corpus
 
 
-def served(path, user_ids):
-    """Loads the SavedModel in a fresh interpreter and calls serving_default."""
-    script = textwrap.dedent(f"""
-        import json, sys
+def served(requests):
+    """Loads each SavedModel in one fresh interpreter (TensorFlow without this library) and
+    calls its serving_default: `[(path, user ids)]` -> one result per request."""
+    script = textwrap.dedent("""
+        import json, os, sys
         import tensorflow as tf
-        loaded = tf.saved_model.load({str(path)!r})
-        fn = loaded.signatures["serving_default"]
-        out = fn(user_id=tf.constant({[str(u) for u in user_ids]!r}))
-        saved = tf.train.list_variables({str(path / "variables" / "variables")!r})
-        names = [name for name, _ in saved]
-        shapes = [list(shape) for _, shape in saved]
-        print(json.dumps({{
-            "ids": out["ids"].numpy().astype(str).tolist(),
-            "scores": out["scores"].numpy().tolist(),
-            "inputs": sorted(fn.structured_input_signature[1]),
-            "variables": list(zip(names, shapes)),
-        }}))
+        for path, user_ids in json.loads(sys.argv[1]):
+            loaded = tf.saved_model.load(path)
+            fn = loaded.signatures["serving_default"]
+            out = fn(user_id=tf.constant(user_ids))
+            saved = tf.train.list_variables(os.path.join(path, "variables", "variables"))
+            print(json.dumps({
+                "ids": out["ids"].numpy().astype(str).tolist(),
+                "scores": out["scores"].numpy().tolist(),
+                "inputs": sorted(fn.structured_input_signature[1]),
+                "variables": [[name, list(shape)] for name, shape in saved],
+            }))
     """)
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                            timeout=120)
+    argument = json.dumps([[str(path), [str(u) for u in users]] for path, users in requests])
+    result = subprocess.run([sys.executable, "-c", script, argument], capture_output=True,
+                            text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    lines = result.stdout.strip().splitlines()[-len(requests):]
+    assert len(lines) == len(requests), result.stdout[-3000:]
+    return [json.loads(line) for line in lines]
+
+
+@pytest.fixture(name="exported", scope="module")
+def fixture_exported(trained, tmp_path_factory):
+    """Two exports of the trained model, served one after the other in one fresh process (one
+    TensorFlow start-up for both; neither needs this library):
+    `({name: (path, user ids, what serving_default returned)}, directory)`. "known": five
+    training users, exported under a base directory; "unknown": two ids the lookup has never
+    seen and a training user, exported to a given path."""
+    model, corpus = trained
+    directory = tmp_path_factory.mktemp("exported")
+    movies = model.candidate_tower(corpus.movie_tensors())
+    known = export_retrieval_model(model.query_tower, movies, corpus.movie_ids, k=K,
+                                   name="ml", base_dir=directory)
+    unknown = export_retrieval_model(model.query_tower, movies, corpus.movie_ids, k=K,
+                                     path=directory / "m" / "7")
+    requests = {"known": (known, list(corpus.users[:5])),
+                "unknown": (unknown, ["no-such-user", "another-unknown", corpus.users[0]])}
+    outs = served(list(requests.values()))
+    return {name: (path, users, out)
+            for (name, (path, users)), out in zip(requests.items(), outs)}, directory
 
 
 def in_memory_top_k(model, corpus, user_ids, k):
@@ -66,15 +90,12 @@ def in_memory_top_k(model, corpus, user_ids, k):
     return corpus.movie_ids[top.indices.numpy()], top.values.numpy()
 
 
-def test_exported_model_serves_the_in_memory_top_k(trained, tmp_path):
+def test_exported_model_serves_the_in_memory_top_k(trained, exported):
     model, corpus = trained
-    movies = model.candidate_tower(corpus.movie_tensors())
-    path = export_retrieval_model(model.query_tower, movies, corpus.movie_ids, k=K,
-                                  name="ml", base_dir=tmp_path)
-    assert path == tmp_path / "ml" / "1"
+    results, directory = exported
+    path, users, out = results["known"]
+    assert path == directory / "ml" / "1"
     assert (path / "saved_model.pb").exists()
-    users = list(corpus.users[:5])
-    out = served(path, users)
     assert out["inputs"] == ["user_id"]
     ids, scores = in_memory_top_k(model, corpus, users, K)
     np.testing.assert_allclose(out["scores"], scores, rtol=1e-5, atol=1e-6)
@@ -91,12 +112,11 @@ def test_exported_model_serves_the_in_memory_top_k(trained, tmp_path):
     assert not cache_weights & {tuple(s) for s in shapes if s}
 
 
-def test_unknown_user_gets_the_oov_top_k(trained, tmp_path):
-    model, corpus = trained
-    movies = model.candidate_tower(corpus.movie_tensors())
-    path = export_retrieval_model(model.query_tower, movies, corpus.movie_ids, k=K,
-                                  path=tmp_path / "m" / "7")
-    out = served(path, ["no-such-user", "another-unknown", corpus.users[0]])
+def test_unknown_user_gets_the_oov_top_k(trained, exported):
+    _, corpus = trained
+    results, directory = exported
+    path, _, out = results["unknown"]
+    assert path == directory / "m" / "7"
     # Both unknown ids share the lookup's OOV row: the same well-formed, finite top k.
     assert out["ids"][0] == out["ids"][1]
     assert np.all(np.isfinite(out["scores"][0]))
