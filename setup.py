@@ -34,8 +34,8 @@ setup(
         "examples": EXAMPLES,
         "keras3": KERAS3,
         # The suite runs the Keras 3 tests on both backends too. ml_dtypes (TensorFlow's and
-        # JAX's numpy types) 0.7.0 takes 1.2 s of CPU to import with numpy 2.4, 0.6.0 takes
-        # 10 ms, and some 30 processes of the suite import it (docs/tests.md).
+        # JAX's numpy types) 0.7.0 takes 1.2 s of CPU to import with numpy 2.4, 0.6.0 about
+        # 8 ms, and 22 processes of the suite import it (docs/tests.md).
         "test": ["pytest>=8", "pytest-xdist>=3.5", "scipy>=1.11", "nbclient>=0.10",
                  "nbformat>=5.10", "ipykernel>=6.29", "ml_dtypes>=0.5.1,<0.7"]
                 + EXAMPLES + KERAS3,
