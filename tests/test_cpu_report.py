@@ -1,16 +1,20 @@
 """The suite's own CPU report (`tests/cpu_report.py`): its summary, and the plugin in a run."""
 
+import configparser
 import json
 import os
+import shlex
 import subprocess
 import sys
 
 import cpu_report
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-# The runs below are in a temporary directory, outside this repository's pytest.ini: leave out
-# the same unused plugins it does.
-PLUGINS_OFF = ("-p", "no:hypothesispytest", "-p", "no:benchmark", "-p", "no:cacheprovider")
+# The runs below are in a temporary directory, outside this repository's pytest.ini: give them
+# its options (the unused plugins it leaves out), and no cache directory.
+_INI = configparser.ConfigParser(interpolation=None)
+_INI.read(os.path.join(os.path.dirname(HERE), "pytest.ini"), encoding="utf-8")
+PLUGINS_OFF = (*shlex.split(_INI["pytest"]["addopts"]), "-p", "no:cacheprovider")
 
 
 def test_summary_adds_up_by_file_and_lists_the_largest_tests(tmp_path):
