@@ -6,6 +6,7 @@ import scipy.special
 import tensorflow as tf
 import tensorflow_recommenders as tfrs
 
+import stepwise
 import tfnegcache
 
 DIM = 4
@@ -131,7 +132,7 @@ def _surrogate_gradients(task, cache, tower, queries, ids, draws):
         grads = tape.gradient(loss, [queries, tower.table])
         return tf.concat([tf.reshape(g, [-1]) for g in grads], 0)
 
-    return np.stack([one(tf.constant(s, tf.int64)).numpy() for s in range(draws)])
+    return stepwise.draws(one, draws)
 
 
 @pytest.mark.parametrize("use_in_batch,k", [(True, 1), (False, 1), (True, 3), (False, 4)])
@@ -202,7 +203,7 @@ def test_logq_with_a_partial_cache_is_unbiased_for_the_importance_weighted_softm
     loss, _ = one(tf.constant(0, tf.int64))
     np.testing.assert_allclose(loss.numpy(), reference.numpy(), rtol=1e-5)  # value: exact
     draws = 3000
-    samples = np.stack([one(tf.constant(s, tf.int64))[1].numpy() for s in range(draws)])
+    _, samples = stepwise.draws(one, draws, (tf.float32, tf.float32))
     mean, stderr = samples.mean(0), samples.std(0) / np.sqrt(draws)
     varying = samples.std(0) > 1e-4
     assert varying.sum() > 10
