@@ -21,9 +21,11 @@ def _example():
 
 
 def test_the_swapped_keras_rs_example_trains_with_a_cache(tmp_path):
+    # 5,000 ratings: 4,000 to train on and 1,000 to validate on, whole batches of 1,000 each,
+    # so each program is compiled for one batch shape.
     num_movies = 500
     directory = ml_fixture.write_grouplens(tmp_path / "ml-100k", num_users=100,
-                                           num_movies=num_movies, num_ratings=8000, seed=1)
+                                           num_movies=num_movies, num_ratings=5000, seed=1)
     (result,) = _example().main(["--loss", "cache", "--epochs", "6", "--data-dir",
                                  str(directory), "--verbose", "0"])
     history = result["history"]
