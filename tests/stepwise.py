@@ -10,9 +10,9 @@ def draws(one, num, dtype=tf.float32):
     returns a tuple: `dtype` is then a tuple too).
 
     As one `tf.map_fn` loop in one `tf.function` call rather than `num` calls: the same draws,
-    bit for bit (each iteration's step seeds its sampler), in about half the CPU time of the
-    calls. The iterations run one at a time (`parallel_iterations=1`), since `one` sets the
-    cache's step variable."""
+    bit for bit (each iteration's step seeds its sampler), with about a third less CPU for the
+    tests that use it (docs/tests.md). The iterations run one at a time
+    (`parallel_iterations=1`), since `one` sets the cache's step variable."""
 
     @tf.function
     def every_step():
